@@ -1,0 +1,117 @@
+"""The `particle` command: a thin layer over the library. Every command that reads a spec
+reports problems as `FILE: key.path: message` and exits 2; other failures exit 1 with a short
+paragraph; `--debug` shows the traceback instead."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import ParticleError
+from .ui import ui
+
+SPEC_ARG = click.argument("spec", required=False, type=click.Path(path_type=Path))
+
+
+def spec_options(f: Any) -> Any:
+    f = click.option(
+        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        help="Override a spec key, e.g. --set system.version=5 (repeatable).",
+    )(f)
+    f = click.option(
+        "--profile", "profiles", multiple=True, metavar="NAME",
+        help="Apply profiles/NAME.toml next to the spec (repeatable).",
+    )(f)
+    return f
+
+
+def load(spec: Path | None, profiles: tuple[str, ...] = (), overrides: tuple[str, ...] = ()) -> Any:
+    from .spec import load_spec, resolve_spec_path
+
+    return load_spec(resolve_spec_path(spec), profiles=list(profiles), overrides=list(overrides))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="particle")
+@click.option("-v", "--verbose", is_flag=True, help="Show the commands that run and their output.")
+@click.option("-q", "--quiet", is_flag=True, help="Only print errors and results.")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool, quiet: bool, debug: bool) -> None:
+    """ParticleOS: declarative, signed, image-based Debian systems with A/B updates."""
+    ui.verbose = verbose
+    ui.quiet = quiet
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@SPEC_ARG
+@spec_options
+def validate(spec: Path | None, profiles: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+    """Check a spec; print `ok` or every problem (exit status 2)."""
+    load(spec, profiles, overrides)
+    click.echo("ok")
+
+
+@cli.command()
+@SPEC_ARG
+@spec_options
+@click.option("--json", "as_json", is_flag=True, help="Print the resolved spec as JSON.")
+def summary(
+    spec: Path | None, profiles: tuple[str, ...], overrides: tuple[str, ...], as_json: bool
+) -> None:
+    """Print the fully resolved spec (after includes, profiles and --set)."""
+    from .spec import summary_text
+
+    s = load(spec, profiles, overrides)
+    if as_json:
+        click.echo(json.dumps(s.model_dump(mode="json"), indent=2))
+    else:
+        click.echo(summary_text(s))
+
+
+@cli.command()
+def schema() -> None:
+    """Print the JSON Schema of particle.toml (for editors)."""
+    from .spec import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--id", "image_id", default=None, help="System id (default: the directory name).")
+def init(directory: Path, image_id: str | None) -> None:
+    """Write a commented starter spec (and a profile) into DIRECTORY."""
+    from .spec.starter import write_starter
+
+    for path in write_starter(directory, image_id):
+        click.echo(f"wrote {path}")
+
+
+def main() -> None:
+    """Console entry point: turn known errors into messages and exit codes, never tracebacks."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        cli.main(standalone_mode=False)
+    except ParticleError as err:
+        if debug:
+            raise
+        click.echo(f"error: {err}" if err.exit_code != 2 else str(err), err=True)
+        sys.exit(err.exit_code)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,92 @@
+"""The one place where external programs run: logged with --verbose, timed, failures explained."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from .errors import CommandError, MissingToolError
+from .ui import ui
+
+# Debian package that provides each host program we call; used in "missing tool" errors.
+PACKAGE_OF = {
+    "mmdebstrap": "mmdebstrap",
+    "mkfs.erofs": "erofs-utils",
+    "mksquashfs": "squashfs-tools",
+    "veritysetup": "cryptsetup-bin",
+    "sfdisk": "fdisk",
+    "mkfs.vfat": "dosfstools",
+    "mkfs.ext4": "e2fsprogs",
+    "mcopy": "mtools",
+    "mmd": "mtools",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-img": "qemu-utils",
+    "unshare": "util-linux",
+    "chroot": "coreutils",
+}
+
+
+def require(tool: str) -> str:
+    """Path of a host program, or a MissingToolError naming its Debian package."""
+    path = shutil.which(tool)
+    if path is None:
+        raise MissingToolError(tool, PACKAGE_OF.get(tool, tool))
+    return path
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    what: str | None = None,
+    capture: bool = False,
+    input: bytes | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a program. stderr is always captured (shown on failure); stdout only with capture.
+
+    With --verbose the command line and its duration are printed and stderr streams through.
+    """
+    args = [os.fspath(a) for a in argv]
+    require(args[0])
+    label = what or Path(args[0]).name
+    ui.debug(f"$ {shlex.join(args)}")
+    full_env = None
+    if env is not None:
+        full_env = dict(os.environ)
+        full_env.update(env)
+    start = time.monotonic()
+    proc = subprocess.run(
+        args,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE if capture else (None if ui.verbose else subprocess.DEVNULL),
+        stderr=subprocess.PIPE,
+        env=full_env,
+        cwd=cwd,
+        check=False,
+    )
+    elapsed = time.monotonic() - start
+    stderr = proc.stderr.decode(errors="replace")
+    if ui.verbose and stderr.strip():
+        ui.console.print(stderr.rstrip(), markup=False, highlight=False, style="dim")
+    ui.debug(f"  ({label}: {elapsed:.1f} s, exit {proc.returncode})")
+    if check and proc.returncode != 0:
+        raise CommandError(label, args, proc.returncode, stderr or _decoded(proc.stdout))
+    return proc
+
+
+def output(argv: Sequence[str | os.PathLike[str]], **kw: object) -> str:
+    """Run a program and return its stdout as text."""
+    proc = run(argv, capture=True, **kw)  # type: ignore[arg-type]
+    return proc.stdout.decode()
+
+
+def _decoded(data: bytes | None) -> str:
+    return data.decode(errors="replace") if data else ""

@@ -1,0 +1,225 @@
+"""Typed models of `particle.toml`. They are the single source of truth for keys, defaults,
+allowed values and the exported JSON Schema; the loader turns their errors into
+`FILE: key.path: message` lines."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+ID_RE = re.compile(r"^[A-Za-z0-9-]+$")
+# UAPI version format: alphanumerics and . ~ ^ + -, no "_" (it separates id from version in names).
+VERSION_RE = re.compile(r"^[A-Za-z0-9.~^+-]+$")
+UNIT_RE = re.compile(
+    r"^[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?"
+    r"\.(service|socket|target|timer|path|mount|automount|swap|slice|scope|device)$"
+)
+PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9-]+)?(=[A-Za-z0-9.+~:-]+)?$")
+SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+MODE_RE = re.compile(r"^0?[0-7]{3,4}$")
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+COMPRESSIONS = {"erofs": ("lz4hc", "lz4", "none"), "squashfs": ("zstd", "xz", "gzip", "lz4", "none")}
+
+
+def parse_size(value: Any) -> int:
+    """'2G', '512M', '64K' or a byte count -> bytes (binary units, as partition tools use)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as \"2G\" or \"512M\"")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str) and (m := SIZE_RE.match(value)):
+        n = int(m.group(1)) * SIZE_UNITS[m.group(2).upper()]
+    else:
+        raise ValueError(f"bad size {value!r} (allowed: a number with K, M, G or T, e.g. \"512M\")")
+    if n <= 0:
+        raise ValueError(f"bad size {value!r} (must be greater than zero)")
+    return n
+
+
+def _check_id(v: str) -> str:
+    if not ID_RE.match(v):
+        raise ValueError(f"bad id {v!r} (allowed: letters, digits and '-')")
+    return v
+
+
+def _check_version(v: str) -> str:
+    if v != "auto" and not VERSION_RE.match(v):
+        raise ValueError(
+            f"bad version {v!r} (allowed: \"auto\" or letters, digits and . ~ ^ + -; no '_')"
+        )
+    return v
+
+
+def _check_unit(v: str) -> str:
+    if not UNIT_RE.match(v):
+        raise ValueError(
+            f"bad unit name {v!r} (allowed: NAME.service, .socket, .target, .timer, .path, "
+            ".mount, ...)"
+        )
+    return v
+
+
+def _check_package(v: str) -> str:
+    if not PACKAGE_RE.match(v):
+        raise ValueError(f"bad package name {v!r} (allowed: a Debian package name, optionally =VERSION)")
+    return v
+
+
+def _check_mode(v: str) -> str:
+    if not MODE_RE.match(v):
+        raise ValueError(f"bad mode {v!r} (allowed: octal such as \"0644\" or \"0755\")")
+    return v
+
+
+def _check_url(v: str) -> str:
+    if not re.match(r"^(https?|file)://[^\s]+$", v):
+        raise ValueError(f"bad mirror {v!r} (allowed: an http://, https:// or file:// URL)")
+    return v
+
+
+Id = Annotated[str, AfterValidator(_check_id)]
+Version = Annotated[str, AfterValidator(_check_version)]
+UnitName = Annotated[str, AfterValidator(_check_unit)]
+PackageName = Annotated[str, AfterValidator(_check_package)]
+Mode = Annotated[str, AfterValidator(_check_mode)]
+Size = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    Field(json_schema_extra={"type": ["string", "integer"], "examples": ["512M", "2G"]}),
+]
+
+
+class Model(BaseModel):
+    """Strict base: unknown keys are errors (the loader adds "did you mean")."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, validate_default=True)
+
+
+class System(Model):
+    id: Id = Field(description="Image id: file names, partition labels, IMAGE_ID.")
+    version: Version = Field("auto", description='"auto" (UTC YYYYMMDDHHMMSS) or a version.')
+    distribution: Literal["debian"] = "debian"
+    release: Literal["bookworm", "trixie"] = "trixie"
+    mirror: Annotated[str, AfterValidator(_check_url)] = "http://deb.debian.org/debian"
+    architecture: Literal["x86-64"] = "x86-64"
+    hostname: str | None = None
+
+
+class Packages(Model):
+    install: list[PackageName] = []
+    remove: list[PackageName] = []
+
+
+class User(Model):
+    uid: Annotated[int, Field(ge=1000, le=60000)] | None = None
+    groups: list[str] = []
+    password: str = Field("!", description='crypt(3) hash, or "!" for no password login.')
+    ssh_keys: list[str] = []
+    shell: str = "/bin/bash"
+
+    @model_validator(mode="after")
+    def _password(self) -> User:
+        p = self.password
+        if not (p in ("!", "*", "") or p.startswith(("$", "!$"))):
+            raise ValueError(
+                "password must be a crypt(3) hash such as \"$y$...\", \"!\" (locked) or \"\" "
+                "(no password); never a clear-text password"
+            )
+        return self
+
+
+class Services(Model):
+    enable: list[UnitName] = []
+    disable: list[UnitName] = []
+    mask: list[UnitName] = []
+
+
+class FileEntry(Model):
+    content: str | None = None
+    source: str | None = None
+    mode: Mode = "0644"
+
+    @model_validator(mode="after")
+    def _one_of(self) -> FileEntry:
+        if (self.content is None) == (self.source is None):
+            raise ValueError("give exactly one of 'content' or 'source'")
+        return self
+
+
+class Files(Model):
+    """`[files]`: absolute paths map to file entries; `trees` lists directories copied over /."""
+
+    model_config = ConfigDict(extra="allow")
+    trees: list[str] = []
+    __pydantic_extra__: dict[str, FileEntry] = Field(init=False)
+
+    @property
+    def entries(self) -> dict[str, FileEntry]:
+        return dict(self.__pydantic_extra__ or {})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paths(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if key != "trees" and not key.startswith("/"):
+                    raise ValueError(
+                        f"bad key {key!r} (allowed: 'trees' or an absolute path such as \"/etc/motd\")"
+                    )
+        return data
+
+
+class Kernel(Model):
+    cmdline: list[str] = []
+
+
+class Image(Model):
+    filesystem: Literal["erofs", "squashfs"] = "erofs"
+    compression: str | None = Field(None, description="Default: lz4hc (erofs), zstd (squashfs).")
+    usr_slot_size: Size = 1 << 30
+    esp_size: Size = 256 << 20
+    root_size: Size = 512 << 20
+    layout: Literal["ab-usr"] = "ab-usr"
+
+    @model_validator(mode="after")
+    def _compression(self) -> Image:
+        allowed = COMPRESSIONS[self.filesystem]
+        if self.compression is None:
+            self.compression = allowed[0]
+        elif self.compression not in allowed:
+            raise ValueError(
+                f"compression {self.compression!r} is not available for {self.filesystem} "
+                f"(allowed: {', '.join(allowed)})"
+            )
+        return self
+
+
+class Signing(Model):
+    key: str | None = None
+    certificate: str | None = None
+
+
+class Update(Model):
+    source: str | None = Field(None, description="http(s) URL or a local directory.")
+    tries: Annotated[int, Field(ge=1, le=10)] = 3
+
+
+class Extension(Model):
+    packages: list[PackageName] = []
+
+
+class Spec(Model):
+    """A whole, resolved spec (includes applied)."""
+
+    system: System
+    packages: Packages = Field(default_factory=Packages)
+    users: dict[Id, User] = {}
+    services: Services = Field(default_factory=Services)
+    files: Files = Field(default_factory=Files)
+    kernel: Kernel = Field(default_factory=Kernel)
+    image: Image = Field(default_factory=Image)
+    signing: Signing = Field(default_factory=Signing)
+    update: Update = Field(default_factory=Update)
+    extensions: dict[Id, Extension] = {}
