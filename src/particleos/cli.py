@@ -94,6 +94,97 @@ def init(directory: Path, image_id: str | None) -> None:
         click.echo(f"wrote {path}")
 
 
+@cli.command()
+@SPEC_ARG
+@spec_options
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Output directory (default: out/ next to the spec).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def build(spec: Path | None, profiles: tuple[str, ...], overrides: tuple[str, ...],
+          output: Path | None, as_json: bool) -> None:
+    """Build the disk image and the update artifacts of a spec."""
+    from .build import build as run_build
+    from .spec import resolve_spec_path
+
+    path = resolve_spec_path(spec)
+    s = load(spec, profiles, overrides)
+    out = output or path.parent / "out"
+    if as_json:
+        ui.quiet = True
+    result = run_build(s, out)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    total = sum(result.timings.values())
+    click.echo(f"built {result.id} {result.version} in {total:.0f} s"
+               f"{' (bootstrap cache hit)' if result.cache_hit else ''}")
+    click.echo(f"  disk image: {result.disk}")
+    click.echo(f"  root hash:  {result.root_hash}")
+    for name in sorted(result.artifacts):
+        click.echo(f"  {name} ({_human(result.artifacts[name].stat().st_size)})")
+
+
+@cli.command()
+@click.argument("image", required=False, type=click.Path(path_type=Path))
+@click.option("--snapshot", is_flag=True, help="Discard all writes when QEMU exits.")
+@click.option("--timeout", type=float, default=600.0, show_default=True,
+              help="Seconds to wait for --expect.")
+@click.option("--expect", metavar="REGEX", default=None,
+              help="Exit 0 once REGEX appears on the console, non-zero on timeout/power-off.")
+@click.option("--memory", type=int, default=2048, show_default=True, help="Guest RAM in MiB.")
+def qemu(image: Path | None, snapshot: bool, timeout: float, expect: str | None,
+         memory: int) -> None:
+    """Boot a built image in QEMU with UEFI and a serial console."""
+    from .vm import boot
+
+    sys.exit(boot(find_image(image), snapshot=snapshot, timeout=timeout, expect=expect,
+                  memory_mib=memory))
+
+
+@cli.command()
+@click.argument("spec", required=False, type=click.Path(path_type=Path))
+@click.option("--all", "everything", is_flag=True,
+              help="Also remove the caches (trees, tools tree, apt archives).")
+def clean(spec: Path | None, everything: bool) -> None:
+    """Remove the build outputs of a spec (and with --all every cache)."""
+    from .build import clean as run_clean
+
+    dirs: list[Path] = []
+    candidate = spec or Path.cwd()
+    out = (candidate if candidate.is_dir() else candidate.parent) / "out"
+    if out.exists():
+        dirs.append(out)
+    for path in run_clean(dirs, caches=everything):
+        click.echo(f"removed {path}")
+
+
+def find_image(image: Path | None) -> Path:
+    """An image file, or the newest `*.raw` disk image in a directory (default: ./out)."""
+    from .errors import ParticleError
+
+    target = image or Path("out")
+    if target.is_dir():
+        disks = sorted(
+            (p for p in target.glob("*.raw") if not p.name.endswith((".usr.raw", "-verity.raw",
+                                                                    "-verity-sig.raw"))),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if not disks:
+            raise ParticleError(f"no disk image (*.raw) in {target}; run `particle build` first")
+        return disks[-1]
+    if not target.exists():
+        raise ParticleError(f"{target}: no such image; run `particle build` first")
+    return target
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
 def main() -> None:
     """Console entry point: turn known errors into messages and exit codes, never tracebacks."""
     debug = "--debug" in sys.argv[1:]

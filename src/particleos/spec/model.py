@@ -7,7 +7,16 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 ID_RE = re.compile(r"^[A-Za-z0-9-]+$")
 # UAPI version format: alphanumerics and . ~ ^ + -, no "_" (it separates id from version in names).
@@ -20,7 +29,10 @@ PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9-]+)?(=[A-Za-z0-9.+~:-]+
 SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 MODE_RE = re.compile(r"^0?[0-7]{3,4}$")
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-COMPRESSIONS = {"erofs": ("lz4hc", "lz4", "none"), "squashfs": ("zstd", "xz", "gzip", "lz4", "none")}
+COMPRESSIONS = {
+    "erofs": ("lz4hc", "lz4", "none"),
+    "squashfs": ("zstd", "xz", "gzip", "lz4", "none"),
+}
 
 
 def parse_size(value: Any) -> int:
@@ -44,6 +56,13 @@ def _check_id(v: str) -> str:
     return v
 
 
+def _version_str(v: Any) -> Any:
+    """`version = 5` and `--set system.version=5` mean the version "5": versions are strings."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    return v
+
+
 def _check_version(v: str) -> str:
     if v != "auto" and not VERSION_RE.match(v):
         raise ValueError(
@@ -63,7 +82,9 @@ def _check_unit(v: str) -> str:
 
 def _check_package(v: str) -> str:
     if not PACKAGE_RE.match(v):
-        raise ValueError(f"bad package name {v!r} (allowed: a Debian package name, optionally =VERSION)")
+        raise ValueError(
+            f"bad package name {v!r} (allowed: a Debian package name, optionally =VERSION)"
+        )
     return v
 
 
@@ -80,7 +101,7 @@ def _check_url(v: str) -> str:
 
 
 Id = Annotated[str, AfterValidator(_check_id)]
-Version = Annotated[str, AfterValidator(_check_version)]
+Version = Annotated[str, BeforeValidator(_version_str), AfterValidator(_check_version)]
 UnitName = Annotated[str, AfterValidator(_check_unit)]
 PackageName = Annotated[str, AfterValidator(_check_package)]
 Mode = Annotated[str, AfterValidator(_check_mode)]
@@ -119,15 +140,16 @@ class User(Model):
     ssh_keys: list[str] = []
     shell: str = "/bin/bash"
 
-    @model_validator(mode="after")
-    def _password(self) -> User:
-        p = self.password
+    # A field validator (not a model validator) so errors point at `users.NAME.password`.
+    @field_validator("password")
+    @classmethod
+    def _password(cls, p: str) -> str:
         if not (p in ("!", "*", "") or p.startswith(("$", "!$"))):
             raise ValueError(
                 "password must be a crypt(3) hash such as \"$y$...\", \"!\" (locked) or \"\" "
                 "(no password); never a clear-text password"
             )
-        return self
+        return p
 
 
 class Services(Model):
@@ -166,7 +188,8 @@ class Files(Model):
             for key in data:
                 if key != "trees" and not key.startswith("/"):
                     raise ValueError(
-                        f"bad key {key!r} (allowed: 'trees' or an absolute path such as \"/etc/motd\")"
+                        f"bad key {key!r} "
+                        "(allowed: 'trees' or an absolute path such as \"/etc/motd\")"
                     )
         return data
 
@@ -183,17 +206,23 @@ class Image(Model):
     root_size: Size = 512 << 20
     layout: Literal["ab-usr"] = "ab-usr"
 
-    @model_validator(mode="after")
-    def _compression(self) -> Image:
-        allowed = COMPRESSIONS[self.filesystem]
-        if self.compression is None:
-            self.compression = allowed[0]
-        elif self.compression not in allowed:
+    # A field validator (filesystem is declared, hence validated, first) so errors point at
+    # `image.compression` and are reported even when another image key is wrong too.
+    @field_validator("compression")
+    @classmethod
+    def _compression(cls, v: str | None, info: ValidationInfo) -> str | None:
+        filesystem = info.data.get("filesystem")
+        if filesystem not in COMPRESSIONS:
+            return v  # filesystem itself is wrong; that error is reported
+        allowed = COMPRESSIONS[filesystem]
+        if v is None:
+            return allowed[0]
+        if v not in allowed:
             raise ValueError(
-                f"compression {self.compression!r} is not available for {self.filesystem} "
+                f"compression {v!r} is not available for {filesystem} "
                 f"(allowed: {', '.join(allowed)})"
             )
-        return self
+        return v
 
 
 class Signing(Model):

@@ -1,0 +1,5 @@
+"""`python -m particleos`: the same entry point as the `particle` command."""
+
+from .cli import main
+
+main()

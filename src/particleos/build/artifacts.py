@@ -1,0 +1,83 @@
+"""Stage 9: the files an update server serves for this version, a manifest that says what is
+inside, and SHA256SUMS; then everything is moved from staging into the output directory, the
+index last, so a reader never sees an index that names a missing or half-written file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .. import runner
+from ..cache import fsync_path, write_atomic
+from ..spec.loader import spec_digest
+from .context import BuildContext
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def installed_packages(tree: Path) -> dict[str, str]:
+    out = runner.output(
+        ["dpkg-query", f"--admindir={tree}/var/lib/dpkg", "-W", "-f=${Package}\t${Version}\n"],
+        what="dpkg-query",
+    )
+    return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+
+
+def artifacts(ctx: BuildContext) -> None:
+    assert ctx.tree and ctx.usr_image and ctx.verity_image and ctx.uki and ctx.disk
+    staging = ctx.staging
+    split = {
+        f"{ctx.name}.usr.raw": ctx.usr_image,
+        f"{ctx.name}.usr-verity.raw": ctx.verity_image,
+        f"{ctx.name}.efi": ctx.uki,
+    }
+    for name, src in split.items():
+        shutil.copyfile(src, staging / name)
+    files = {ctx.disk.name: ctx.disk, **{n: staging / n for n in split}}
+    manifest = {
+        "id": ctx.image_id,
+        "version": ctx.version,
+        "release": ctx.spec.system.release,
+        "architecture": ctx.spec.system.architecture,
+        "kernel": ctx.kernel_version,
+        "usr_filesystem": ctx.spec.image.filesystem,
+        "root_hash": ctx.root_hash.hex(),
+        "spec_digest": spec_digest(ctx.spec),
+        "tree_key": ctx.tree_key,
+        "sizes": {name: path.stat().st_size for name, path in files.items()},
+        "packages": installed_packages(ctx.tree),
+    }
+    manifest_name = f"{ctx.name}.manifest.json"
+    write_atomic(staging / manifest_name, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    files[manifest_name] = staging / manifest_name
+    ctx.artifacts = {}
+    sums = {name: sha256_file(path) for name, path in files.items()}
+    publish(staging, ctx.output_dir, sums)
+    ctx.artifacts = {name: ctx.output_dir / name for name in files}
+
+
+def publish(staging: Path, output_dir: Path, sums: dict[str, str]) -> None:
+    """Rename staged files into place, then rewrite SHA256SUMS atomically (other versions kept
+    in the directory stay listed)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in sums:
+        os.replace(staging / name, output_dir / name)
+    fsync_path(output_dir)
+    index = output_dir / "SHA256SUMS"
+    entries: dict[str, str] = {}
+    if index.exists():
+        for line in index.read_text().splitlines():
+            digest, _, fname = line.partition("  ")
+            if fname and (output_dir / fname).exists():
+                entries[fname] = digest
+    entries.update(sums)
+    write_atomic(index, "".join(f"{d}  {n}\n" for n, d in sorted(entries.items())))

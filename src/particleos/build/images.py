@@ -1,0 +1,98 @@
+"""Stages 6-8: dm-verity over the usr image, the UKI that pins it, and the GPT disk image with
+the ESP, slot A filled, slot B empty and the root partition."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from .. import disk, uki
+from ..verity import format_verity, verity_uuids
+from .context import BuildContext
+from .hermetic import copy_boot_files
+
+
+def verity(ctx: BuildContext) -> None:
+    assert ctx.usr_image is not None
+    out = ctx.work_dir / "usr-verity.img"
+    size = ctx.usr_image.stat().st_size
+    if size % 4096:  # verity covers whole blocks only: pad so that no byte is unprotected
+        os.truncate(ctx.usr_image, size + 4096 - size % 4096)
+    # Deterministic salt and superblock UUID: the same /usr gives the same root hash.
+    salt = hashlib.sha256(f"particleos-salt:{ctx.name}".encode()).digest()
+    result = format_verity(ctx.usr_image, out, salt=salt, uuid=ctx.stable_uuid("verity-sb"))
+    ctx.verity_image = out
+    ctx.root_hash = result.root_hash
+    ctx.sizes["usr-verity"] = out.stat().st_size
+
+
+def boot_files(ctx: BuildContext) -> None:
+    """Keep kernel and initrd before hermetic() drops /boot from the tree."""
+    boot = ctx.work_dir / "boot"
+    boot.mkdir(exist_ok=True)
+    copy_boot_files(ctx, boot)
+
+
+def build_uki(ctx: BuildContext) -> None:
+    assert ctx.tree is not None
+    boot = ctx.work_dir / "boot"
+    cmdline = uki.usr_cmdline(
+        ctx.root_hash.hex(), ctx.spec.image.filesystem, ctx.spec.kernel.cmdline
+    )
+    out = ctx.work_dir / "uki.efi"
+    uki.build_uki(
+        ctx.tools,
+        output=out,
+        linux=boot / "vmlinuz",
+        initrd=boot / "initrd",
+        os_release=ctx.tree / "usr/lib/os-release",
+        stub=ctx.tree / "usr/lib/systemd/boot/efi/linuxx64.efi.stub",
+        cmdline=cmdline,
+        uname=ctx.kernel_version,
+        workdir=ctx.work_dir,
+    )
+    ctx.uki = out
+    ctx.sizes["uki"] = out.stat().st_size
+
+
+LOADER_CONF = "timeout 0\n"
+
+
+def disk_image(ctx: BuildContext) -> None:
+    assert ctx.tree is not None and ctx.uki is not None
+    assert ctx.usr_image is not None and ctx.verity_image is not None
+    img = ctx.spec.image
+    sdboot = ctx.tree / "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
+    loader_conf = ctx.work_dir / "loader.conf"
+    loader_conf.write_text(LOADER_CONF)
+    esp = ctx.work_dir / "esp.img"
+    disk.make_esp(
+        esp,
+        img.esp_size,
+        {
+            "/EFI/BOOT/BOOTX64.EFI": sdboot,
+            "/EFI/systemd/systemd-bootx64.efi": sdboot,
+            f"/EFI/Linux/{ctx.name}.efi": ctx.uki,
+            "/loader/loader.conf": loader_conf,
+        },
+    )
+    root = ctx.work_dir / "root.img"
+    disk.make_ext4(root, img.root_size, label="root", uuid=ctx.stable_uuid("root-fs"))
+    usr_uuid, verity_uuid = verity_uuids(ctx.root_hash)
+    parts = disk.ab_usr_layout(
+        image_id=ctx.image_id,
+        version=ctx.version,
+        esp=esp,
+        usr=ctx.usr_image,
+        usr_verity=ctx.verity_image,
+        usr_verity_sig=None,
+        usr_uuid=usr_uuid,
+        verity_uuid=verity_uuid,
+        usr_slot_size=img.usr_slot_size,
+        root=root,
+        root_size=img.root_size,
+    )
+    out = ctx.staging / f"{ctx.name}.raw"
+    disk.write_disk(out, parts, disk_uuid=ctx.stable_uuid("disk"))
+    ctx.disk = out
+    ctx.sizes["disk"] = out.stat().st_size

@@ -1,0 +1,33 @@
+"""Stage 5: the read-only /usr file system image, reproducible: fixed timestamps, a UUID
+derived from id and version, files owned by root."""
+
+from __future__ import annotations
+
+from .. import runner  # noqa: F401  (kept for symmetry: every tool goes through the runner)
+from .context import BuildContext
+
+SOURCE_DATE_EPOCH = "0"
+
+
+def usr_image(ctx: BuildContext) -> None:
+    assert ctx.tree is not None
+    img = ctx.spec.image
+    out = ctx.work_dir / "usr.img"
+    usr = ctx.tree / "usr"
+    env = {"SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH}
+    if img.filesystem == "erofs":
+        argv = ["mkfs.erofs", "--quiet", "-T", SOURCE_DATE_EPOCH, "--all-root",
+                "-U", str(ctx.stable_uuid("usr-fs"))]
+        if img.compression and img.compression != "none":
+            argv.append(f"-z{img.compression}")
+        argv += [str(out), str(usr)]
+    else:
+        argv = ["mksquashfs", str(usr), str(out), "-noappend", "-all-root", "-quiet",
+                "-no-progress", "-mkfs-time", SOURCE_DATE_EPOCH, "-all-time", SOURCE_DATE_EPOCH]
+        if img.compression == "none":
+            argv += ["-noI", "-noD", "-noF", "-noX"]
+        else:
+            argv += ["-comp", str(img.compression)]
+    ctx.tools.run(argv, binds=[ctx.work_dir], env=env, what=f"mkfs of /usr ({img.filesystem})")
+    ctx.usr_image = out
+    ctx.sizes["usr"] = out.stat().st_size

@@ -1,0 +1,201 @@
+"""The partition table of an `ab-usr` image (DESIGN.md section 4) as plain data.
+
+Kept free of I/O apart from reading file sizes, so the layout can be checked (and shown)
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+from uuid import UUID
+
+from ..errors import ParticleError
+from .sizes import ALIGNMENT, SECTOR_SIZE, KiB, MiB, align_up, format_size
+
+
+class PartType:
+    """Discoverable Partitions Specification type GUIDs (x86-64 where it matters).
+
+    systemd-gpt-auto-generator, systemd-repart and systemd-sysupdate find partitions by these.
+    """
+
+    ESP: Final = UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")
+    XBOOTLDR: Final = UUID("bc13c2ff-59e6-4262-a352-b275fd6f7172")
+    USR: Final = UUID("8484680c-9521-48c6-9c11-b0720656f69e")
+    USR_VERITY: Final = UUID("77ff5f63-e7b6-4633-acf4-1565b864c0e6")
+    USR_VERITY_SIG: Final = UUID("e7bb33fb-06cf-4e81-8273-e543b413e2e2")
+    ROOT: Final = UUID("4f68bce3-e8cd-4db1-96e7-fbcaf984b709")
+    ROOT_VERITY: Final = UUID("2c7357ed-ebd2-46d9-aec1-23d437ec2bf5")
+    ROOT_VERITY_SIG: Final = UUID("41092b05-9fc8-4523-994f-2def0408b176")
+    HOME: Final = UUID("933ac7e1-2eb4-4f13-b844-0e14e2aef915")
+    SWAP: Final = UUID("0657fd6d-a4ab-43c4-84e5-0933c84b4f4f")
+    VAR: Final = UUID("4d21b016-b534-45c2-a9fb-5c16e091fd2d")
+
+
+# GPT attribute bits with a DPS meaning (bits 48-63 are type-specific in UEFI).
+ATTR_NO_AUTO: Final = 63
+ATTR_READ_ONLY: Final = 60
+ATTR_GROW_FS: Final = 59
+
+# Room for the verity signature JSON (a PKCS#7 signature plus a hex root hash is ~2-3 KiB);
+# fixed so that slot B can take any later signature.
+VERITY_SIG_SIZE: Final = 16 * KiB
+EMPTY_LABEL: Final = "_empty"  # what systemd-sysupdate looks for as a free slot
+GPT_NAME_MAX: Final = 36  # UTF-16 code units in a GPT partition entry
+
+# Namespace for UUIDs we derive: same inputs, same UUIDs, byte-identical disks.
+NAMESPACE: Final = UUID("9c1c0a4e-3a55-4a2c-8f0e-5d0f2b7d6e11")
+
+_VERITY_BLOCK = 4096
+_DIGEST_SIZE = 32  # sha256
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One GPT entry. `content` (if any) is copied to the partition's start; the rest stays zero."""
+
+    label: str
+    type_uuid: UUID
+    uuid: UUID
+    size: int
+    content: Path | None = None
+    attrs: tuple[int, ...] = ()
+
+
+def partition_uuid_for(image_id: str, role: str) -> UUID:
+    """A stable partition UUID for partitions whose UUID no content hash determines."""
+    return uuidlib.uuid5(NAMESPACE, f"{image_id}/{role}")
+
+
+def verity_size(data_size: int) -> int:
+    """Partition size that holds the dm-verity hash tree (plus superblock) of `data_size` bytes.
+
+    Sized for a full slot rather than the current image, so later, larger updates still fit.
+    """
+    blocks = max(1, -(-data_size // _VERITY_BLOCK))
+    per_block = _VERITY_BLOCK // _DIGEST_SIZE
+    total = 0
+    while True:
+        blocks = -(-blocks // per_block)
+        total += blocks
+        if blocks == 1:
+            break
+    return align_up(total * _VERITY_BLOCK + _VERITY_BLOCK, MiB)
+
+
+def partition_offsets(partitions: list[Partition]) -> list[int]:
+    """Byte offset of each partition: packed in order, each start on a 1 MiB boundary."""
+    offsets, pos = [], ALIGNMENT
+    for part in partitions:
+        offsets.append(pos)
+        pos = align_up(pos + part.size, ALIGNMENT)
+    return offsets
+
+
+def disk_size(partitions: list[Partition]) -> int:
+    """Whole-disk size: the last partition's (aligned) end plus 1 MiB for the backup GPT."""
+    if not partitions:
+        return 2 * ALIGNMENT
+    end = partition_offsets(partitions)[-1] + partitions[-1].size
+    return align_up(end, ALIGNMENT) + ALIGNMENT
+
+
+def ab_usr_layout(
+    *,
+    image_id: str,
+    version: str,
+    esp: Path,
+    usr: Path,
+    usr_verity: Path,
+    usr_verity_sig: Path | None,
+    usr_uuid: UUID,
+    verity_uuid: UUID,
+    usr_slot_size: int,
+    root: Path | None,
+    root_size: int,
+) -> list[Partition]:
+    """ESP, usr slot A (filled), usr slot B (`_empty`, same sizes), root with grow-fs.
+
+    Slot B gets the same sizes as A because systemd-sysupdate writes updates into it in place.
+    """
+    label = f"{image_id}_{version}"
+    if len(label) > GPT_NAME_MAX:
+        raise ParticleError(
+            f"partition label {label!r} is {len(label)} characters; GPT allows {GPT_NAME_MAX}: "
+            "shorten the image id or the version"
+        )
+    usr_bytes = file_size(usr)
+    if usr_bytes > usr_slot_size:
+        raise ParticleError(
+            f"the usr image ({format_size(usr_bytes)}) does not fit usr_slot_size "
+            f"({format_size(usr_slot_size)}): raise `image.usr_slot_size` to at least "
+            f"{format_size(align_up(usr_bytes, MiB))}, with headroom for later updates"
+        )
+    vsize = verity_size(usr_slot_size)
+    _check_fits(usr_verity, vsize, "usr verity hash tree")
+    if root is not None:
+        _check_fits(root, root_size, "root file system image", "image.root_size")
+    parts = [
+        Partition(
+            "esp",
+            PartType.ESP,
+            partition_uuid_for(image_id, "esp"),
+            align_up(file_size(esp), SECTOR_SIZE),
+            esp,
+        ),
+    ]
+    if usr_verity_sig is not None:
+        _check_fits(usr_verity_sig, VERITY_SIG_SIZE, "usr verity signature")
+        sig_uuid = uuidlib.uuid5(NAMESPACE, f"{usr_uuid}/{verity_uuid}/verity-sig")
+        parts.append(
+            Partition(label, PartType.USR_VERITY_SIG, sig_uuid, VERITY_SIG_SIZE, usr_verity_sig)
+        )
+    parts += [
+        Partition(label, PartType.USR_VERITY, verity_uuid, vsize, usr_verity),
+        Partition(label, PartType.USR, usr_uuid, usr_slot_size, usr),
+    ]
+    if usr_verity_sig is not None:
+        parts.append(
+            Partition(
+                EMPTY_LABEL,
+                PartType.USR_VERITY_SIG,
+                partition_uuid_for(image_id, "usr-verity-sig-b"),
+                VERITY_SIG_SIZE,
+            )
+        )
+    parts += [
+        Partition(
+            EMPTY_LABEL, PartType.USR_VERITY, partition_uuid_for(image_id, "usr-verity-b"), vsize
+        ),
+        Partition(EMPTY_LABEL, PartType.USR, partition_uuid_for(image_id, "usr-b"), usr_slot_size),
+        Partition(
+            "root",
+            PartType.ROOT,
+            partition_uuid_for(image_id, "root"),
+            root_size,
+            root,
+            attrs=(ATTR_GROW_FS,),
+        ),
+    ]
+    return parts
+
+
+def file_size(path: Path) -> int:
+    """Size of a content file; a missing one is a ParticleError naming it, not a traceback."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        raise ParticleError(f"partition content {path} does not exist") from None
+
+
+def _check_fits(path: Path, size: int, what: str, setting: str | None = None) -> None:
+    have = file_size(path)
+    if have > size:
+        hint = f": raise `{setting}`" if setting else ""
+        raise ParticleError(
+            f"the {what} {path} ({format_size(have)}) does not fit its partition "
+            f"({format_size(size)}){hint}"
+        )
