@@ -32,6 +32,7 @@ BASE_PACKAGES = (
     "dracut",
     "e2fsprogs",
     "python3-minimal",
+    "passwd",
 )
 DEFAULT_KERNEL = "linux-image-cloud-amd64"
 # Bumped whenever the way the tree is made changes, so old cache entries are not reused.

@@ -55,7 +55,7 @@ def write_os_release(ctx: BuildContext) -> None:
 
 def chroot(ctx: BuildContext, *argv: str, what: str) -> None:
     assert ctx.tree is not None
-    runner.run(["chroot", str(ctx.tree), *argv], what=what)
+    runner.run(["chroot", str(ctx.tree), "env", "PATH=/usr/sbin:/usr/bin", *argv], what=what)
 
 
 def apply_users(ctx: BuildContext) -> None:
