@@ -19,6 +19,7 @@ say "root-fstype=$(findmnt -no FSTYPE /)"
 say "machine-id=$(cat /etc/machine-id)"
 say "motd=$(head -n1 /etc/motd)"
 say "admin-user=$(getent passwd admin | cut -d: -f1,7)"
+say "serial-getty=$(systemctl is-active serial-getty@ttyS0.service)"
 say "networkd=$(systemctl is-enabled systemd-networkd.service)"
 mkdir -p /var/lib/particle-check
 if echo boot >> /var/lib/particle-check/boots 2>/dev/null; then say "root-write=ok"; else say "root-write=failed"; fi
