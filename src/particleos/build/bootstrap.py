@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import runner
 from ..cache import atomic_dir, cache_root
+from ..errors import ParticleError
 from ..ui import ui
 from .context import BuildContext
 
@@ -96,7 +97,10 @@ def bootstrap(ctx: BuildContext) -> None:
     runner.run(["cp", "-a", "--reflink=auto", str(cached), str(ctx.tree)], what="copy of the tree")
     kernels = sorted(p.name for p in (ctx.tree / "usr/lib/modules").iterdir())
     if not kernels:
-        raise RuntimeError("the tree has no kernel in /usr/lib/modules")
+        raise ParticleError(
+            "the tree has no kernel in /usr/lib/modules: add a linux-image package to "
+            "packages.install"
+        )
     ctx.kernel_version = kernels[-1]
 
 

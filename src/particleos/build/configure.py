@@ -99,12 +99,16 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.replace("\\n", "\n").encode() + b"\n").decode()
 
 
+def _names(db: Path) -> set[str]:
+    return {line.split(":", 1)[0] for line in db.read_text().splitlines()}
+
+
 def _user_exists(tree: Path, name: str) -> bool:
-    return any(line.split(":", 1)[0] == name for line in (tree / "etc/passwd").read_text().splitlines())
+    return name in _names(tree / "etc/passwd")
 
 
 def _group_exists(tree: Path, name: str) -> bool:
-    return any(line.split(":", 1)[0] == name for line in (tree / "etc/group").read_text().splitlines())
+    return name in _names(tree / "etc/group")
 
 
 def apply_files(ctx: BuildContext) -> None:
@@ -114,7 +118,8 @@ def apply_files(ctx: BuildContext) -> None:
         if not src.is_dir():
             raise ParticleError(f"files.trees: {tree_dir} is not a directory")
         runner.run(
-            ["cp", "-a", "--no-preserve=ownership", "--remove-destination", f"{src}/.", str(ctx.tree)],
+            ["cp", "-a", "--no-preserve=ownership", "--remove-destination", f"{src}/.",
+             str(ctx.tree)],
             what=f"copy of tree {src}",
         )
     for dest, entry in ctx.spec.files.entries.items():

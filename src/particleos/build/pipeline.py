@@ -20,6 +20,7 @@ from .configure import configure
 from .context import BuildContext
 from .hermetic import hermetic
 from .images import boot_files, build_uki, disk_image, verity
+from .machine import install_machine_tools
 from .usrimage import usr_image
 
 Stage = Callable[[BuildContext], None]
@@ -27,6 +28,7 @@ Stage = Callable[[BuildContext], None]
 STAGES: list[tuple[str, Stage]] = [
     ("bootstrap: Debian tree (cached)", bootstrap),
     ("configure: users, services, files", configure),
+    ("machine-side particle command", install_machine_tools),
     ("kernel and initrd", boot_files),
     ("hermetic /usr and factory /etc", hermetic),
     ("usr file system image", usr_image),

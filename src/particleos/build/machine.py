@@ -1,0 +1,35 @@
+"""Install the machine-side `particle` command into the image: the stdlib-only
+`particleos.machine` package under /usr/lib/particleos and a /usr/bin/particle launcher."""
+
+from __future__ import annotations
+
+import shutil
+from importlib import resources
+
+from .context import BuildContext
+
+LAUNCHER = """#!/usr/bin/python3
+# ParticleOS machine-side command (installed by `particle build`).
+import sys
+
+sys.path.insert(0, "/usr/lib/particleos")
+from particleos.machine.cli import main
+
+sys.exit(main())
+"""
+
+
+def install_machine_tools(ctx: BuildContext) -> None:
+    assert ctx.tree is not None
+    dest = ctx.tree / "usr/lib/particleos/particleos"
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "machine").mkdir(parents=True)
+    (dest / "__init__.py").write_text('"""ParticleOS (machine side only)."""\n')
+    src = resources.files("particleos") / "machine"
+    for entry in src.iterdir():
+        if entry.name.endswith(".py"):
+            (dest / "machine" / entry.name).write_bytes(entry.read_bytes())
+    launcher = ctx.tree / "usr/bin/particle"
+    launcher.write_text(LAUNCHER)
+    launcher.chmod(0o755)
