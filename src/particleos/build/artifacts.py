@@ -60,16 +60,18 @@ def artifacts(ctx: BuildContext) -> None:
     write_atomic(staging / manifest_name, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     files[manifest_name] = staging / manifest_name
     ctx.artifacts = {}
-    sums = {name: sha256_file(path) for name, path in files.items()}
-    publish(staging, ctx.output_dir, sums)
+    # The sparse disk image is left out of the index: hashing gigabytes of zeros costs more
+    # than the rest of a warm build, and updates never download it.
+    sums = {name: sha256_file(path) for name, path in files.items() if path != ctx.disk}
+    publish(staging, ctx.output_dir, sums, extra=[ctx.disk.name])
     ctx.artifacts = {name: ctx.output_dir / name for name in files}
 
 
-def publish(staging: Path, output_dir: Path, sums: dict[str, str]) -> None:
-    """Rename staged files into place, then rewrite SHA256SUMS atomically (other versions kept
-    in the directory stay listed)."""
+def publish(staging: Path, output_dir: Path, sums: dict[str, str], extra: list[str]) -> None:
+    """Rename staged files (indexed ones and `extra`) into place, then rewrite SHA256SUMS
+    atomically; other versions kept in the directory stay listed."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    for name in sums:
+    for name in [*extra, *sums]:
         os.replace(staging / name, output_dir / name)
     fsync_path(output_dir)
     index = output_dir / "SHA256SUMS"
