@@ -35,6 +35,9 @@ BASE_PACKAGES = (
     "python3-minimal",
     "passwd",
 )
+# bookworm (systemd 252) ships repart and the cryptsetup/veritysetup generators inside the
+# systemd package itself.
+NOT_IN_RELEASE = {"bookworm": {"systemd-repart", "systemd-cryptsetup"}}
 DEFAULT_KERNEL = "linux-image-cloud-amd64"
 # Bumped whenever the way the tree is made changes, so old cache entries are not reused.
 BOOTSTRAP_VERSION = "1"
@@ -48,7 +51,8 @@ DPKG_EXCLUDES = (
 
 
 def package_list(ctx: BuildContext) -> list[str]:
-    wanted = list(BASE_PACKAGES)
+    missing = NOT_IN_RELEASE.get(ctx.spec.system.release, set())
+    wanted = [p for p in BASE_PACKAGES if p not in missing]
     extra = ctx.spec.packages.install
     if not any(p.startswith("linux-image-") for p in extra):
         wanted.append(DEFAULT_KERNEL)

@@ -10,7 +10,7 @@ from uuid import UUID
 
 from .. import runner
 from ..errors import ParticleError
-from ._atomic import atomic_output
+from ..cache import atomic_file
 from .sizes import KiB, MiB, align_up, format_size
 
 # Below ~33 MiB a FAT32 with 512-byte clusters has fewer than the 65525 clusters the FAT spec
@@ -69,7 +69,7 @@ def make_esp(
     mkfs = ["mkfs.vfat", "-F", "32", "-S", "512", "-n", label.upper(), "--invariant", "--mbr=n"]
     if volume_id is not None:
         mkfs += ["-i", f"{volume_id:08X}"]
-    with atomic_output(path) as tmp:
+    with atomic_file(path) as tmp:
         runner.run([*mkfs, "-C", tmp, str(size // KiB)], env=env, what="mkfs.vfat (ESP)")
         dirs = _parent_dirs(dests)
         if dirs:
@@ -129,7 +129,7 @@ def make_ext4(
     ]
     if root_dir is not None:
         argv += ["-d", root_dir]
-    with atomic_output(path) as tmp:
+    with atomic_file(path) as tmp:
         with open(tmp, "wb") as f:
             f.truncate(size)  # sparse, and already zero where mke2fs skips writing
         runner.run([*argv, tmp, f"{size // KiB}k"], env=env, what="mkfs.ext4")

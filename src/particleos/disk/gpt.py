@@ -15,7 +15,7 @@ from uuid import UUID
 
 from .. import runner
 from ..errors import ParticleError
-from ._atomic import atomic_output
+from ..cache import atomic_file
 from .layout import GPT_NAME_MAX, Partition, disk_size, file_size, partition_offsets
 from .sizes import ALIGNMENT, SECTOR_SIZE, MiB, format_size
 
@@ -42,7 +42,7 @@ def write_disk(
         _validate(number, part)
     offsets = partition_offsets(partitions)
     script = _script(partitions, offsets, disk_uuid)
-    with atomic_output(path) as tmp:
+    with atomic_file(path) as tmp:
         with open(tmp, "wb") as f:
             f.truncate(disk_size(partitions))  # sparse: unwritten ranges cost no space
         runner.run(
