@@ -8,6 +8,7 @@ import hashlib
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,36 @@ def test_boots_with_verity_usr_and_persistent_root(image, tmp_path: Path) -> Non
     assert second["boot-count"] == "2"
     assert second["persisted"] in ("running", "degraded")
     assert second["machine-id"] == first["machine-id"]
+
+
+
+def test_bookworm_image_boots_through_the_cli(build_image: BuildFn) -> None:
+    """The older supported release (systemd 252, dracut 059) goes through the same pipeline;
+    booted with `particle qemu --expect`, as a user would."""
+    result = build_image("bootcheck", "bw.1", overrides=["system.release=bookworm"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "particleos", "qemu", str(result.output_dir), "--snapshot",
+         "--expect", "PARTICLE-CHECK done-first-boot", "--timeout", "900"],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = checks(proc.stdout)
+    assert first["multi-user"] == "active"
+    assert first["image-version"] == "bw.1"
+    assert first["usr-source"] == "/dev/mapper/usr"
+    assert first["usr-mount"] == "ro"
+    assert first["usr-dm-uuid"].startswith("CRYPT-VERITY-")
+    assert first["usr-write"] == "refused"
+    assert first["root-write"] == "ok"
+
+
+def test_qemu_expect_fails_on_timeout(build_image: BuildFn) -> None:
+    result = build_image("bootcheck", "bw.1", overrides=["system.release=bookworm"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "particleos", "qemu", str(result.disk), "--snapshot",
+         "--expect", "this never appears", "--timeout", "5"],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 1
+    assert "timed out after 5 s" in proc.stderr
+    assert "Traceback" not in proc.stderr

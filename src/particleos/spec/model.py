@@ -230,9 +230,31 @@ class Signing(Model):
     certificate: str | None = None
 
 
+def _check_update_source(v: str | None) -> str | None:
+    if v is None or re.match(r"^https?://[^\s]+$", v) or (v.startswith("/") and "\n" not in v):
+        return v
+    raise ValueError(
+        f"bad update source {v!r} (allowed: an http:// or https:// URL, or a local directory)"
+    )
+
+
 class Update(Model):
-    source: str | None = Field(None, description="http(s) URL or a local directory.")
+    source: Annotated[str | None, AfterValidator(_check_update_source)] = Field(
+        None, description="http(s) URL or a local directory on the machine."
+    )
     tries: Annotated[int, Field(ge=1, le=10)] = 3
+
+
+class Boot(Model):
+    """Boot assessment: a new version counts as good only once these units have succeeded."""
+
+    assess: list[UnitName] = Field(
+        [], description="Units required by boot-complete.target (must succeed for a good boot)."
+    )
+    on_failure: Literal["reboot", "none"] = Field(
+        "reboot",
+        description="A failed assessment unit reboots (the boot loader counts down the tries).",
+    )
 
 
 class Extension(Model):
@@ -251,4 +273,5 @@ class Spec(Model):
     image: Image = Field(default_factory=Image)
     signing: Signing = Field(default_factory=Signing)
     update: Update = Field(default_factory=Update)
+    boot: Boot = Field(default_factory=Boot)
     extensions: dict[Id, Extension] = {}
