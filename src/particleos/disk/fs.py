@@ -9,8 +9,8 @@ from typing import Final
 from uuid import UUID
 
 from .. import runner
-from ..errors import ParticleError
 from ..cache import atomic_file
+from ..errors import ParticleError
 from .sizes import KiB, MiB, align_up, format_size
 
 # Below ~33 MiB a FAT32 with 512-byte clusters has fewer than the 65525 clusters the FAT spec

@@ -14,8 +14,8 @@ from typing import Any
 from uuid import UUID
 
 from .. import runner
-from ..errors import ParticleError
 from ..cache import atomic_file
+from ..errors import ParticleError
 from .layout import GPT_NAME_MAX, Partition, disk_size, file_size, partition_offsets
 from .sizes import ALIGNMENT, SECTOR_SIZE, MiB, format_size
 
