@@ -21,6 +21,7 @@ from .context import BuildContext
 from .hermetic import hermetic
 from .images import boot_files, build_uki, disk_image, verity
 from .machine import install_machine_tools
+from .updates import update_definitions
 from .usrimage import usr_image
 
 Stage = Callable[[BuildContext], None]
@@ -28,6 +29,7 @@ Stage = Callable[[BuildContext], None]
 STAGES: list[tuple[str, Stage]] = [
     ("bootstrap: Debian tree (cached)", bootstrap),
     ("configure: users, services, files", configure),
+    ("updates: sysupdate transfers, boot assessment", update_definitions),
     ("machine-side particle command", install_machine_tools),
     ("kernel and initrd", boot_files),
     ("hermetic /usr and factory /etc", hermetic),

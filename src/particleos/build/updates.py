@@ -1,0 +1,73 @@
+"""Stage: what updates and boot assessment need inside the image. With `[update] source`, the
+sysupdate transfer definitions go into /usr/lib/sysupdate.d; with `[boot] assess`, the units
+that must succeed before systemd-bless-boot marks a boot good are wired to
+boot-complete.target. Both live in /usr, so every version carries its own."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import ParticleError
+from ..update.transfer import SYSUPDATE_DIR, transfer_files
+from .context import BuildContext
+
+ASSESS_DROPIN = "particle-assess.conf"
+
+
+def update_definitions(ctx: BuildContext) -> None:
+    assert ctx.tree is not None
+    update = ctx.spec.update
+    if update.source:
+        if "+" in ctx.version:
+            raise ParticleError(
+                f"system.version: {ctx.version!r} contains '+', which boot counting uses in "
+                "UKI file names (NAME+LEFT-DONE.efi); choose a version without '+'"
+            )
+        target = ctx.tree / SYSUPDATE_DIR
+        target.mkdir(parents=True, exist_ok=True)
+        for stale in target.glob("*.transfer"):
+            stale.unlink()
+        for name, text in transfer_files(ctx.image_id, update.source, update.tries).items():
+            (target / name).write_text(text)
+    assess_units(ctx)
+
+
+def assess_units(ctx: BuildContext) -> None:
+    """Each unit in `[boot] assess` becomes a requirement of boot-complete.target and is ordered
+    before it; systemd-bless-boot.service (pulled in when systemd-boot counts this boot) only
+    marks the boot good once the target is reached. With on_failure = "reboot" a failing unit
+    reboots the machine, so the boot loader tries again or falls back to the previous version."""
+    assert ctx.tree is not None
+    units_dir = ctx.tree / "usr/lib/systemd/system"
+    boot = ctx.spec.boot
+    for unit in boot.assess:
+        if not _unit_exists(ctx, unit):
+            raise ParticleError(
+                f"boot.assess: unit {unit} is not in the image (add it with [files] or a "
+                "package, or remove it from boot.assess)"
+            )
+        dropin = units_dir / f"{unit}.d"
+        dropin.mkdir(parents=True, exist_ok=True)
+        lines = ["# Written by ParticleOS from [boot] assess", "[Unit]",
+                 "Before=boot-complete.target"]
+        if boot.on_failure == "reboot":
+            lines.append("FailureAction=reboot")
+        (dropin / ASSESS_DROPIN).write_text("\n".join(lines) + "\n")
+        requires = units_dir / "boot-complete.target.requires"
+        requires.mkdir(exist_ok=True)
+        link = requires / unit
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        os.symlink(f"../{unit}", link)
+
+
+def _unit_exists(ctx: BuildContext, unit: str) -> bool:
+    assert ctx.tree is not None
+    for d in ("usr/lib/systemd/system", "etc/systemd/system", "lib/systemd/system"):
+        if (ctx.tree / d / unit).exists():
+            return True
+        if "@" in unit:
+            prefix, rest = unit.split("@", 1)
+            if (ctx.tree / d / f"{prefix}@.{rest.rsplit('.', 1)[-1]}").exists():
+                return True
+    return False

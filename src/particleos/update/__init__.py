@@ -1,0 +1,1 @@
+"""A/B updates on the host side: sysupdate transfer definitions and `particle publish`."""
