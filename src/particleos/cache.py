@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,11 +22,32 @@ def cache_root() -> Path:
 
 
 def remove_tree(path: Path) -> None:
-    """rm -rf that also copes with read-only directories left by package trees."""
+    """rm -rf that never reaches through a mount: a tree left behind by an interrupted
+    mmdebstrap or chroot may still have /dev or /proc bind-mounted inside it, and deleting
+    through those would delete the host's device nodes. Such mounts are detached first."""
     if path.is_symlink() or path.is_file():
         path.unlink()
     elif path.exists():
+        for mount in reversed(mounts_below(path)):
+            subprocess.run(["umount", "--lazy", mount], check=False, capture_output=True)
+        if mounts_below(path):
+            raise OSError(f"{path} still has mounts inside it; not removing it")
         shutil.rmtree(path)
+
+
+def mounts_below(path: Path) -> list[str]:
+    """Mount points at or below `path`, outermost first (from /proc/self/mountinfo)."""
+    prefix = os.path.realpath(path)
+    found = []
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        point = line.split()[4].replace("\\040", " ")
+        if point == prefix or point.startswith(prefix + "/"):
+            found.append(point)
+    return sorted(found, key=len)
 
 
 @contextlib.contextmanager

@@ -142,6 +142,27 @@ def qemu(image: Path | None, snapshot: bool, timeout: float, expect: str | None,
 
 
 @cli.command()
+@click.argument("build_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("update_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--keep", type=click.IntRange(min=1), default=None,
+              help="Keep only the N newest versions in UPDATE_DIR (default: all).")
+@click.option("--version", "version", default=None,
+              help="Version to publish (default: the newest one in BUILD_DIR).")
+def publish(build_dir: Path, update_dir: Path, keep: int | None, version: str | None) -> None:
+    """Add a built version to a static update directory (served over http(s) or read as a
+    local directory by `particle update` on the machines)."""
+    from .update.publish import publish as run_publish
+
+    result = run_publish(build_dir, update_dir, keep=keep, version=version)
+    state = "published" if result.added else "already published"
+    click.echo(f"{state} {result.image_id} {result.version} in {update_dir} "
+               f"({_human(result.update_bytes)} per update)")
+    if result.removed_versions:
+        click.echo(f"  removed: {', '.join(result.removed_versions)}")
+    click.echo(f"  versions: {', '.join(result.versions)}")
+
+
+@cli.command()
 @click.argument("spec", required=False, type=click.Path(path_type=Path))
 @click.option("--all", "everything", is_flag=True,
               help="Also remove the caches (trees, tools tree, apt archives).")

@@ -91,3 +91,23 @@ def test_enablement_links_move_into_usr_and_factory_copy(tmp_path: Path) -> None
     assert not (factory / "etc/machine-id").exists()  # generated at first boot
     assert not (factory / "var/lib/apt/lists").exists()
     assert list((root / "boot").iterdir()) == []
+
+
+def test_remove_tree_detaches_mounts_instead_of_deleting_through_them(tmp_path: Path) -> None:
+    """A leftover tree with a bind mount inside must not delete what the mount shows."""
+    import subprocess
+
+    from particleos.cache import mounts_below, remove_tree
+
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep").write_text("host data")
+    tree = tmp_path / "tree"
+    (tree / "dev").mkdir(parents=True)
+    if subprocess.run(["mount", "--bind", str(precious), str(tree / "dev")],
+                      check=False).returncode != 0:
+        pytest.skip("bind mounts are not allowed here")
+    assert mounts_below(tree) == [str(tree / "dev")]
+    remove_tree(tree)
+    assert not tree.exists()
+    assert (precious / "keep").read_text() == "host data"

@@ -195,7 +195,7 @@ def _absolute_paths(data: dict[str, Any], base: Path) -> None:
                 entry["source"] = fix(entry["source"])
     signing = data.get("signing")
     if isinstance(signing, dict):
-        for key in ("key", "certificate"):
+        for key in ("key", "certificate", "openpgp_key"):
             if key in signing:
                 signing[key] = fix(signing[key])
     update = data.get("update")

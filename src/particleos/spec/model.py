@@ -226,8 +226,13 @@ class Image(Model):
 
 
 class Signing(Model):
-    key: str | None = None
-    certificate: str | None = None
+    """Owner keys (`particle genkey`); without them the image is built unsigned."""
+
+    key: str | None = Field(None, description="PEM private key: signs /usr and boot binaries.")
+    certificate: str | None = Field(None, description="PEM certificate of `key`.")
+    openpgp_key: str | None = Field(
+        None, description="OpenPGP key that signs SHA256SUMS; machines verify updates with it."
+    )
 
 
 def _check_update_source(v: str | None) -> str | None:

@@ -1,0 +1,61 @@
+"""`python -m particleos.relay PORT`: copy stdin/stdout to and from 127.0.0.1:PORT.
+
+QEMU user networking runs this once per guest connection for a rule such as
+`guestfwd=tcp:10.0.2.100:80-cmd:python -m particleos.relay 8080`: with `restrict=on` the guest
+reaches nothing but this relay, and the relay reaches nothing but the host's loopback. A plain
+`tcp:` guestfwd target would serve only the first connection of the whole QEMU run."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import threading
+
+CHUNK = 1 << 16
+
+
+def relay(port: int, infd: int = 0, outfd: int = 1) -> None:
+    sock = socket.create_connection(("127.0.0.1", port))
+
+    def upstream() -> None:
+        """Guest -> server; on EOF half-close so the server sees the end of the request."""
+        try:
+            while data := os.read(infd, CHUNK):
+                sock.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+
+    thread = threading.Thread(target=upstream, daemon=True)
+    thread.start()
+    try:
+        while data := sock.recv(CHUNK):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(outfd, view) :]
+    except OSError:
+        pass
+    finally:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.close(outfd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not args[0].isdigit():
+        print("usage: python -m particleos.relay PORT", file=sys.stderr)
+        return 2
+    try:
+        relay(int(args[0]))
+    except OSError as err:
+        print(f"particleos.relay: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

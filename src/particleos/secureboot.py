@@ -1,0 +1,104 @@
+"""Secure Boot on the machine side of a test or `particle qemu`: firmware variables with the
+owner's certificate enrolled (virt-fw-vars from python3-virt-firmware, a maintained tool, rather
+than hand-made EFI signature lists), and the owner's certificate read back from a signed image.
+
+Enrolling the certificate in db does two things: the firmware accepts boot loader and UKIs
+signed with it, and the kernel loads db into its .platform keyring, which this Debian kernel's
+dm-verity trusts for root hash signatures (CONFIG_DM_VERITY_VERIFY_ROOTHASH_SIG_PLATFORM_KEYRING).
+So a signed image needs the certificate in db even when Secure Boot is not enforced.
+"""
+
+from __future__ import annotations
+
+import struct
+import tempfile
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+from . import runner
+from .disk import PartType, read_table
+from .errors import ParticleError
+from .keys import owner_guid
+from .tools import ToolsTree
+
+SECBOOT_CODE: Final = {"OVMF_CODE_4M.fd": "OVMF_CODE_4M.secboot.fd",
+                       "OVMF_CODE.fd": "OVMF_CODE.secboot.fd"}
+_SECTOR: Final = 512
+_IMAGE_DIRECTORY_ENTRY_SECURITY: Final = 4
+_WIN_CERT_TYPE_PKCS_SIGNED_DATA: Final = 0x0002
+
+
+def secboot_code(code: Path) -> Path:
+    """The SMM-protected OVMF build that enforces Secure Boot, next to the plain one."""
+    name = SECBOOT_CODE.get(code.name)
+    path = code.with_name(name) if name else None
+    if path is None or not path.exists():
+        raise ParticleError(
+            f"no Secure Boot OVMF build next to {code} (the Debian package ovmf ships "
+            "OVMF_CODE_4M.secboot.fd)"
+        )
+    return path
+
+
+def enroll_vars(
+    tools: ToolsTree, template: Path, certificate: x509.Certificate, out: Path, *, enforce: bool
+) -> Path:
+    """Write an OVMF variable store with `certificate` in db; with `enforce` also as PK and KEK
+    and with Secure Boot switched on (user mode), so unsigned or altered binaries do not run.
+    Without `enforce` the firmware stays in setup mode: nothing is enforced, but the kernel
+    still finds the certificate in db for dm-verity signatures."""
+    guid = str(owner_guid(certificate))
+    with tempfile.TemporaryDirectory(prefix="particle-sb-") as tmpdir:
+        pem = Path(tmpdir) / "owner.pem"
+        pem.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        tmp_out = Path(tmpdir) / "vars.fd"
+        argv: list[str | Path] = ["virt-fw-vars", "--input", template.resolve(),
+                                  "--output", tmp_out, "--add-db", guid, pem]
+        if enforce:
+            argv += ["--set-pk", guid, pem, "--add-kek", guid, pem, "--secure-boot"]
+        tools.run(argv, binds={template.resolve().parent, Path(tmpdir)}, what="virt-fw-vars")
+        out.write_bytes(tmp_out.read_bytes())
+    return out
+
+
+def pe_signer_certificates(data: bytes) -> list[x509.Certificate]:
+    """Certificates in the Authenticode signature of a PE/COFF file ([] if unsigned)."""
+    if data[:2] != b"MZ" or len(data) < 0x40:
+        raise ParticleError("not a PE/COFF (EFI) binary")
+    pe = struct.unpack_from("<I", data, 0x3C)[0]
+    if data[pe : pe + 4] != b"PE\0\0":
+        raise ParticleError("not a PE/COFF (EFI) binary")
+    opt = pe + 24
+    magic = struct.unpack_from("<H", data, opt)[0]
+    dirs = opt + (112 if magic == 0x20B else 96)  # PE32+ or PE32
+    offset, size = struct.unpack_from("<II", data, dirs + 8 * _IMAGE_DIRECTORY_ENTRY_SECURITY)
+    certs: list[x509.Certificate] = []
+    end = offset + size
+    while size and offset + 8 <= end:
+        length, _rev, ctype = struct.unpack_from("<IHH", data, offset)
+        if length < 8:
+            break
+        if ctype == _WIN_CERT_TYPE_PKCS_SIGNED_DATA:
+            certs += pkcs7.load_der_pkcs7_certificates(data[offset + 8 : offset + length])
+        offset += (length + 7) // 8 * 8
+    return certs
+
+
+def image_certificate(image: Path) -> x509.Certificate | None:
+    """The certificate that signed the boot loader in a disk image's ESP (None: unsigned)."""
+    esp = next((p for p in read_table(image) if p["type"].lower() == str(PartType.ESP)), None)
+    if esp is None:
+        raise ParticleError(f"{image}: no EFI system partition")
+    with tempfile.TemporaryDirectory(prefix="particle-esp-") as tmpdir:
+        loader = Path(tmpdir) / "BOOTX64.EFI"
+        runner.run(
+            ["mcopy", "-n", "-i", f"{image}@@{int(esp['start']) * _SECTOR}",
+             "::/EFI/BOOT/BOOTX64.EFI", loader],
+            what="mcopy of the boot loader",
+        )
+        certs = pe_signer_certificates(loader.read_bytes())
+    return certs[0] if certs else None

@@ -1,0 +1,228 @@
+"""`particle publish`: add a built version to a static update directory that systemd-sysupdate
+reads (over http(s), or as a local directory).
+
+Order of operations, so that a client never sees an index naming a missing or half-written
+file: the new files are copied under their final names first (unlisted files are ignored),
+then SHA256SUMS (and its signature, when a signer is given) is replaced atomically, and only
+then are the files of versions dropped by `keep` deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from uuid import UUID, uuid5
+
+from ..cache import atomic_file, fsync_path
+from ..disk.layout import NAMESPACE
+from ..errors import ParticleError
+from ..machine.versions import version_key
+from ..verity import verity_uuids
+from .transfer import UKI, USR, VERITY, VERITY_SIG, Part, served_name
+
+INDEX = "SHA256SUMS"
+SIGNATURE = "SHA256SUMS.gpg"
+LOCK = ".particle-publish.lock"
+
+# sign(index) writes a detached signature of `index` to `index` + ".gpg" (e.g. gpg
+# --detach-sign); publish renames both into place together.
+Signer = Callable[[Path], None]
+
+
+@dataclass
+class PublishResult:
+    image_id: str
+    version: str
+    added: list[str] = field(default_factory=list)  # files copied (empty: already published)
+    update_bytes: int = 0  # what a machine downloads for this version
+    removed_versions: list[str] = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)  # published after this run, oldest first
+
+
+@dataclass(frozen=True)
+class BuiltVersion:
+    image_id: str
+    version: str
+    files: dict[str, Path]  # served name -> build output
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """SHA256SUMS as file name -> hex digest (the `sha256sum` format, text or binary mode)."""
+    entries: dict[str, str] = {}
+    if not path.exists():
+        return entries
+    for line in path.read_text().splitlines():
+        m = re.match(r"^([0-9a-fA-F]{64}) [ *](.+)$", line)
+        if m:
+            entries[m.group(2)] = m.group(1).lower()
+    return entries
+
+
+def format_index(entries: dict[str, str]) -> str:
+    return "".join(f"{digest}  {name}\n" for name, digest in sorted(entries.items()))
+
+
+def find_version(build_dir: Path, version: str | None = None) -> BuiltVersion:
+    """The version to publish from a build output directory: `version`, or the newest one."""
+    manifests = sorted(build_dir.glob("*.manifest.json"))
+    if not manifests:
+        raise ParticleError(f"{build_dir}: no *.manifest.json; run `particle build` first")
+    found = {}
+    for m in manifests:
+        data = json.loads(m.read_text())
+        found[str(data["version"])] = (m, data)
+    if version is None:
+        version = sorted(found, key=version_key)[-1]
+    elif version not in found:
+        raise ParticleError(
+            f"{build_dir}: no build of version {version} (built: {', '.join(sorted(found))})"
+        )
+    manifest, data = found[version]
+    image_id, root_hash = str(data["id"]), bytes.fromhex(data["root_hash"])
+    stem = manifest.name.removesuffix(".manifest.json")
+    usr_uuid, verity_uuid = verity_uuids(root_hash)
+    files: dict[str, Path] = {}
+    wanted: list[tuple[Part, UUID | None]] = [
+        (VERITY, verity_uuid), (USR, usr_uuid), (UKI, None)
+    ]
+    sig = build_dir / f"{stem}{VERITY_SIG.suffix}"
+    if sig.exists():
+        # The signature partition has no UUID of its own in usrhash=; derive a stable one.
+        wanted.insert(0, (VERITY_SIG, uuid5(NAMESPACE, f"{usr_uuid}/{verity_uuid}/verity-sig")))
+    for part, uuid in wanted:
+        src = build_dir / f"{stem}{part.suffix}"
+        if not src.is_file():
+            raise ParticleError(f"{build_dir}: {src.name} is missing; rebuild version {version}")
+        files[served_name(image_id, version, part, uuid)] = src
+    files[manifest.name] = manifest
+    return BuiltVersion(image_id, version, files)
+
+
+def version_of(name: str, image_id: str) -> str | None:
+    """The version in a published file name of `image_id` (`ID_VERSION[_UUID].suffix`)."""
+    if not name.startswith(f"{image_id}_"):
+        return None
+    rest = name[len(image_id) + 1 :]
+    m = re.match(r"^([A-Za-z0-9.~^-]+?)(?:_[0-9a-fA-F-]{32,36})?\.(usr|usr-verity|"
+                 r"usr-verity-sig)\.raw$|^([A-Za-z0-9.~^-]+?)\.(efi|manifest\.json)$", rest)
+    if not m:
+        return None
+    return m.group(1) or m.group(3)
+
+
+def publish(
+    build_dir: Path,
+    update_dir: Path,
+    *,
+    keep: int | None = None,
+    version: str | None = None,
+    sign: Signer | None = None,
+) -> PublishResult:
+    """Copy one built version into `update_dir`, rewrite its index, keep the newest `keep`."""
+    if keep is not None and keep < 1:
+        raise ParticleError(f"--keep {keep}: keep at least 1 version")
+    built = find_version(build_dir, version)
+    sums = read_index(build_dir / INDEX)
+    update_dir.mkdir(parents=True, exist_ok=True)
+    result = PublishResult(built.image_id, built.version)
+    with _locked(update_dir):
+        index = read_index(update_dir / INDEX)
+        # Entries whose file is gone are dropped rather than served.
+        index = {n: d for n, d in index.items() if (update_dir / n).is_file()}
+        for name, src in built.files.items():
+            digest = _copy(src, update_dir / name, index.get(name), sums.get(src.name))
+            if digest != index.get(name):
+                result.added.append(name)
+            index[name] = digest
+            if not name.endswith(".manifest.json"):
+                result.update_bytes += src.stat().st_size
+        versions = sorted(
+            {v for n in index if (v := version_of(n, built.image_id))}, key=version_key
+        )
+        dropped = versions[:-keep] if keep is not None else []
+        if built.version in dropped:
+            raise ParticleError(
+                f"version {built.version} is older than the {keep} newest published ones; "
+                "it would be removed right away (raise --keep)"
+            )
+        gone = [n for n in index if version_of(n, built.image_id) in dropped]
+        for name in gone:
+            del index[name]
+        write_index(update_dir, index, sign)
+        for name in gone:
+            with contextlib.suppress(FileNotFoundError):
+                (update_dir / name).unlink()
+        fsync_path(update_dir)
+        result.removed_versions = dropped
+        result.versions = [v for v in versions if v not in dropped]
+    return result
+
+
+def write_index(update_dir: Path, entries: dict[str, str], sign: Signer | None) -> None:
+    """Replace SHA256SUMS atomically; with `sign`, its signature goes into place just before."""
+    with atomic_file(update_dir / INDEX) as tmp:
+        with tmp.open("w") as f:
+            f.write(format_index(entries))
+        if sign is not None:
+            sig_tmp = tmp.with_name(tmp.name + ".gpg")
+            try:
+                sign(tmp)
+                if not sig_tmp.is_file():
+                    raise ParticleError(f"the signer did not write {sig_tmp.name}")
+                fsync_path(sig_tmp)
+                os.replace(sig_tmp, update_dir / SIGNATURE)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    sig_tmp.unlink()
+
+
+def _copy(src: Path, dest: Path, published: str | None, expected: str | None) -> str:
+    """Copy `src` to `dest` atomically, hashing on the way; returns the digest. A file already
+    published under that name must be identical: a version is never changed once served."""
+    if published is not None and dest.is_file():
+        digest = sha256_file(src)
+        if digest != published:
+            raise ParticleError(
+                f"{dest.name} is already published with different content: a version must "
+                "not change once machines may have it; build a new version"
+            )
+        return digest
+    h = hashlib.sha256()
+    with atomic_file(dest) as tmp, src.open("rb") as fin, tmp.open("wb") as fout:
+        while chunk := fin.read(1 << 20):
+            h.update(chunk)
+            fout.write(chunk)
+        os.fchmod(fout.fileno(), 0o644)
+        digest = h.hexdigest()
+        if expected is not None and digest != expected:
+            raise ParticleError(
+                f"{src}: its SHA256 does not match the build's SHA256SUMS (corrupted output?)"
+            )
+    return digest
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(update_dir: Path) -> Iterator[None]:
+    """One publisher at a time per directory (two would each write an index without the
+    other's files)."""
+    with open(update_dir / LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
