@@ -132,13 +132,45 @@ def build(spec: Path | None, profiles: tuple[str, ...], overrides: tuple[str, ..
 @click.option("--expect", metavar="REGEX", default=None,
               help="Exit 0 once REGEX appears on the console, non-zero on timeout/power-off.")
 @click.option("--memory", type=int, default=2048, show_default=True, help="Guest RAM in MiB.")
+@click.option("--secure-boot", is_flag=True,
+              help="Enforce Secure Boot, with the image's signing certificate as PK, KEK, db.")
+@click.option("--certificate", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Owner certificate to enroll (default: the one that signed the image).")
 def qemu(image: Path | None, snapshot: bool, timeout: float, expect: str | None,
-         memory: int) -> None:
+         memory: int, secure_boot: bool, certificate: Path | None) -> None:
     """Boot a built image in QEMU with UEFI and a serial console."""
+    import tempfile
+
+    from .secureboot import firmware_vars
     from .vm import boot
 
-    sys.exit(boot(find_image(image), snapshot=snapshot, timeout=timeout, expect=expect,
-                  memory_mib=memory))
+    disk = find_image(image)
+    with tempfile.TemporaryDirectory(prefix="particle-qemu-") as tmp:
+        # A signed image needs its certificate in db (the kernel checks /usr against it).
+        vars_file = firmware_vars(disk, secure_boot=secure_boot, certificate=certificate,
+                                  directory=Path(tmp) if snapshot else disk.parent)
+        sys.exit(boot(disk, snapshot=snapshot, timeout=timeout, expect=expect,
+                      memory_mib=memory, vars_file=vars_file, secure_boot=secure_boot))
+
+
+@cli.command()
+@click.argument("directory", required=False, type=click.Path(path_type=Path), default="keys")
+@click.option("--name", "common_name", default="ParticleOS owner", show_default=True,
+              help="Common name of the certificate (shown by firmware and kernel).")
+@click.option("--days", type=click.IntRange(min=1), default=3650, show_default=True,
+              help="Validity of the certificate.")
+@click.option("--force", is_flag=True, help="Replace an existing key set.")
+def genkey(directory: Path, common_name: str, days: int, force: bool) -> None:
+    """Create the owner's keys in DIRECTORY (default: ./keys): an X.509 key and certificate
+    (signed /usr, Secure Boot) and an OpenPGP key (signed update metadata)."""
+    from .keys import genkey as run_genkey
+
+    files = run_genkey(directory, common_name, days=days, force=force)
+    for path in (files.key, files.certificate, files.openpgp_key, files.openpgp_public):
+        click.echo(f"wrote {path}")
+    click.echo("\nAdd to particle.toml (paths relative to it), and keep the private keys "
+               "out of version control:\n")
+    click.echo(files.spec_snippet())
 
 
 @cli.command()
@@ -148,12 +180,22 @@ def qemu(image: Path | None, snapshot: bool, timeout: float, expect: str | None,
               help="Keep only the N newest versions in UPDATE_DIR (default: all).")
 @click.option("--version", "version", default=None,
               help="Version to publish (default: the newest one in BUILD_DIR).")
-def publish(build_dir: Path, update_dir: Path, keep: int | None, version: str | None) -> None:
+@click.option("--openpgp-key", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              envvar="PARTICLE_OPENPGP_KEY",
+              help="Sign SHA256SUMS with this key ([signing] openpgp_key); signed machines "
+                   "refuse updates without it.")
+def publish(build_dir: Path, update_dir: Path, keep: int | None, version: str | None,
+            openpgp_key: Path | None) -> None:
     """Add a built version to a static update directory (served over http(s) or read as a
     local directory by `particle update` on the machines)."""
+    from .openpgp import signer
     from .update.publish import publish as run_publish
 
-    result = run_publish(build_dir, update_dir, keep=keep, version=version)
+    if openpgp_key is None and any(build_dir.glob("*.usr-verity-sig.raw")):
+        ui.info("warning: the build is signed but SHA256SUMS will not be: machines that verify "
+                "updates will refuse it (pass --openpgp-key)")
+    result = run_publish(build_dir, update_dir, keep=keep, version=version,
+                         sign=signer(openpgp_key) if openpgp_key else None)
     state = "published" if result.added else "already published"
     click.echo(f"{state} {result.image_id} {result.version} in {update_dir} "
                f"({_human(result.update_bytes)} per update)")
@@ -177,6 +219,15 @@ def clean(spec: Path | None, everything: bool) -> None:
         dirs.append(out)
     for path in run_clean(dirs, caches=everything):
         click.echo(f"removed {path}")
+
+
+def _add_ext_commands() -> None:
+    from .ext.cli import ext
+
+    cli.add_command(ext)
+
+
+_add_ext_commands()
 
 
 def find_image(image: Path | None) -> Path:

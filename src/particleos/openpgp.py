@@ -9,6 +9,7 @@ uses a throw-away GNUPGHOME, so the user's own keyring is never read or changed.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import tempfile
@@ -101,3 +102,12 @@ def verify(keyring: Path, data: Path, signature: Path) -> bool:
         ["gpgv", "--keyring", keyring.resolve(), signature, data], what="gpgv", check=False
     )
     return proc.returncode == 0
+
+
+def fingerprints(keyring: Path) -> list[str]:
+    """Primary key fingerprints in a keyring file (what `gpg --show-keys` lists)."""
+    with gpg_home() as home:
+        out = _gpg(home, "--with-colons", "--show-keys", keyring, what="gpg --show-keys")
+    lines = [ln.split(":") for ln in out.decode().splitlines()]
+    # An "fpr" record follows each "pub" (primary) and "sub" record; keep the primary ones.
+    return [f[9] for prev, f in itertools.pairwise(lines) if prev[0] == "pub" and f[0] == "fpr"]

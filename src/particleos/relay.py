@@ -14,6 +14,7 @@ import sys
 import threading
 
 CHUNK = 1 << 16
+GUEST_ADDR = "10.0.2.100"  # where the guest finds the host's server
 
 
 def relay(port: int, infd: int = 0, outfd: int = 1) -> None:
@@ -42,6 +43,16 @@ def relay(port: int, infd: int = 0, outfd: int = 1) -> None:
         sock.close()
         with contextlib.suppress(OSError):
             os.close(outfd)
+
+
+def user_nic(port: int, guest_addr: str = GUEST_ADDR, guest_port: int = 80) -> str:
+    """A `-nic` value: restricted user networking whose only way out is this relay to
+    127.0.0.1:PORT, reached from the guest as http://GUEST_ADDR:GUEST_PORT/."""
+    cmd = f"{sys.executable} -m particleos.relay {port}"
+    if "," in cmd:
+        cmd = cmd.replace(",", ",,")  # QEMU option syntax: a literal comma is doubled
+    return (f"user,model=virtio-net-pci,restrict=on,"
+            f"guestfwd=tcp:{guest_addr}:{guest_port}-cmd:{cmd}")
 
 
 def main(argv: list[str] | None = None) -> int:

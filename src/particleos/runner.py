@@ -28,6 +28,8 @@ PACKAGE_OF = {
     "qemu-img": "qemu-utils",
     "unshare": "util-linux",
     "chroot": "coreutils",
+    "gpg": "gnupg",
+    "gpgv": "gnupg",
 }
 
 

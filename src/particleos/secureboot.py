@@ -102,3 +102,37 @@ def image_certificate(image: Path) -> x509.Certificate | None:
         )
         certs = pe_signer_certificates(loader.read_bytes())
     return certs[0] if certs else None
+
+
+def firmware_vars(
+    image: Path, *, secure_boot: bool, directory: Path, certificate: Path | None = None
+) -> Path | None:
+    """The UEFI variable store `particle qemu` boots `image` with: None (the default store) for
+    an unsigned image; for a signed one the owner's certificate in db, and with `secure_boot`
+    enrolled as PK/KEK/db with Secure Boot enforced. The store lives in `directory`, named by
+    certificate fingerprint and mode, so a rotated key never meets a stale store."""
+    from .keys import fingerprint
+    from .vm import find_ovmf
+
+    if certificate is not None:
+        try:
+            cert = x509.load_pem_x509_certificate(certificate.read_bytes())
+        except (OSError, ValueError) as err:
+            raise ParticleError(f"--certificate {certificate}: not a PEM certificate ({err})") \
+                from None
+    else:
+        found = image_certificate(image)
+        if found is None:
+            if secure_boot:
+                raise ParticleError(
+                    f"{image} is not signed: build it with [signing] keys (particle genkey) to "
+                    "boot it with Secure Boot"
+                )
+            return None
+        cert = found
+    _, template = find_ovmf()
+    mode = "secureboot" if secure_boot else "db"
+    out = directory / f"{image.name}.efivars-{fingerprint(cert)[:12]}-{mode}.fd"
+    if not out.exists():
+        enroll_vars(ToolsTree(), template, cert, out, enforce=secure_boot)
+    return out

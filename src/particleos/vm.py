@@ -72,17 +72,24 @@ class VMOptions:
     log: Path | None = None  # copy the console to this file
     interactive: bool = False  # attach our terminal to the console (particle qemu)
     reboot: bool = True  # False: QEMU exits when the guest reboots
+    secure_boot: bool = False  # SMM firmware that enforces Secure Boot (vars_file: enrolled)
 
 
 def qemu_argv(image: Path, opts: VMOptions, vars_path: Path) -> list[str]:
     code, _ = find_ovmf()
+    machine, secure = "q35", []
+    if opts.secure_boot:  # only SMM code may write the (authenticated) variables
+        from .secureboot import secboot_code
+
+        code, machine = secboot_code(code), "q35,smm=on"
+        secure = ["-global", "driver=cfi.pflash01,property=secure,value=on"]
     if kvm_works():
         accel = ["-accel", "kvm", "-cpu", "host", "-smp", "2"]
     else:
         # TCG: cmpxchg16b in the guest corrupts memory under QEMU 7.2's TCG; one vCPU.
         accel = ["-accel", "tcg", "-cpu", "qemu64,-cx16", "-smp", "1"]
     argv = [
-        "qemu-system-x86_64", "-machine", "q35", *accel, "-m", str(opts.memory_mib),
+        "qemu-system-x86_64", "-machine", machine, *accel, "-m", str(opts.memory_mib),
         "-nodefaults", "-display", "none", "-no-user-config",
         "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
         "-drive", f"if=pflash,format=raw,unit=1,file={vars_path}",
@@ -100,7 +107,7 @@ def qemu_argv(image: Path, opts: VMOptions, vars_path: Path) -> list[str]:
         argv += ["-nic", nic]
     if not opts.reboot:
         argv.append("-no-reboot")
-    return argv + opts.extra
+    return argv + secure + opts.extra
 
 
 class VM:
@@ -239,17 +246,20 @@ def _clean(text: str) -> str:
 
 
 def boot(image: Path, *, snapshot: bool, timeout: float, expect: str | None,
-         memory_mib: int = 2048) -> int:
+         memory_mib: int = 2048, vars_file: Path | None = None,
+         secure_boot: bool = False) -> int:
     """`particle qemu`: interactive console, or with `expect` a pass/fail check."""
     if expect is None:
-        vm = VM(image, VMOptions(snapshot=snapshot, interactive=True, memory_mib=memory_mib))
+        vm = VM(image, VMOptions(snapshot=snapshot, interactive=True, memory_mib=memory_mib,
+                                 vars_file=vars_file, secure_boot=secure_boot))
         vm.start()
         assert vm.proc is not None
         try:
             return vm.proc.wait()
         finally:
             vm.close()
-    with VM(image, VMOptions(snapshot=snapshot, echo=True, memory_mib=memory_mib)) as vm:
+    with VM(image, VMOptions(snapshot=snapshot, echo=True, memory_mib=memory_mib,
+                             vars_file=vars_file, secure_boot=secure_boot)) as vm:
         start = time.monotonic()
         vm.expect(expect, timeout)
         ui.info(f"\nparticle qemu: found {expect!r} after {time.monotonic() - start:.0f} s")

@@ -40,9 +40,11 @@ def artifacts(ctx: BuildContext) -> None:
         f"{ctx.name}.usr-verity.raw": ctx.verity_image,
         f"{ctx.name}.efi": ctx.uki,
     }
+    if ctx.verity_sig is not None:
+        split[f"{ctx.name}.usr-verity-sig.raw"] = ctx.verity_sig
     for name, src in split.items():
         shutil.copyfile(src, staging / name)
-    files = {ctx.disk.name: ctx.disk, **{n: staging / n for n in split}}
+    files = {ctx.disk.name: ctx.disk, **{n: staging / n for n in split}, **ctx.extra_artifacts}
     manifest = {
         "id": ctx.image_id,
         "version": ctx.version,
@@ -55,6 +57,7 @@ def artifacts(ctx: BuildContext) -> None:
         "tree_key": ctx.tree_key,
         "sizes": {name: path.stat().st_size for name, path in files.items()},
         "packages": installed_packages(ctx.tree),
+        **ctx.manifest_extra,
     }
     manifest_name = f"{ctx.name}.manifest.json"
     write_atomic(staging / manifest_name, json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -56,6 +56,8 @@ def package_list(ctx: BuildContext) -> list[str]:
     extra = ctx.spec.packages.install
     if not any(p.startswith("linux-image-") for p in extra):
         wanted.append(DEFAULT_KERNEL)
+    if ctx.spec.signing.openpgp_key and ctx.spec.update.source:
+        wanted.append("gpg")  # systemd-pull checks SHA256SUMS.gpg with it (Verify=yes)
     for p in extra:
         if p not in wanted:
             wanted.append(p)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .. import runner
 from ..errors import ParticleError
+from ..machine.sysext import sysext_level
 from ..spec.model import FileEntry
 from .context import BuildContext
 
@@ -35,6 +36,8 @@ def os_release_text(ctx: BuildContext) -> str:
         "VERSION_CODENAME": s.release,
         "IMAGE_ID": s.id,
         "IMAGE_VERSION": ctx.version,
+        # Extensions carry the same level: systemd-sysext merges only those of this exact base.
+        "SYSEXT_LEVEL": sysext_level(s.id, ctx.version),
         "PARTICLE_ID": s.id,
         "HOME_URL": "https://www.debian.org/",
     }

@@ -28,9 +28,14 @@ class BuildContext:
     verity_image: Path | None = None
     root_hash: bytes = b""
     uki: Path | None = None
+    verity_sig: Path | None = None  # usr-verity-sig partition contents (signed images only)
+    extra_cmdline: list[str] = field(default_factory=list)  # e.g. the /usr signature
+    bootloader: Path | None = None  # signed systemd-boot (default: the tree's own)
     disk: Path | None = None
     artifacts: dict[str, Path] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
+    extra_artifacts: dict[str, Path] = field(default_factory=dict)  # staged, e.g. extensions
+    manifest_extra: dict[str, object] = field(default_factory=dict)  # more manifest keys
 
     @property
     def image_id(self) -> str:

@@ -37,7 +37,8 @@ def build_uki(ctx: BuildContext) -> None:
     assert ctx.tree is not None
     boot = ctx.work_dir / "boot"
     cmdline = uki.usr_cmdline(
-        ctx.root_hash.hex(), ctx.spec.image.filesystem, ctx.spec.kernel.cmdline
+        ctx.root_hash.hex(), ctx.spec.image.filesystem,
+        [*ctx.spec.kernel.cmdline, *ctx.extra_cmdline],
     )
     out = ctx.work_dir / "uki.efi"
     uki.build_uki(
@@ -62,7 +63,7 @@ def disk_image(ctx: BuildContext) -> None:
     assert ctx.tree is not None and ctx.uki is not None
     assert ctx.usr_image is not None and ctx.verity_image is not None
     img = ctx.spec.image
-    sdboot = ctx.tree / "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
+    sdboot = ctx.bootloader or ctx.tree / "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
     loader_conf = ctx.work_dir / "loader.conf"
     loader_conf.write_text(LOADER_CONF)
     esp = ctx.work_dir / "esp.img"
@@ -85,7 +86,7 @@ def disk_image(ctx: BuildContext) -> None:
         esp=esp,
         usr=ctx.usr_image,
         usr_verity=ctx.verity_image,
-        usr_verity_sig=None,
+        usr_verity_sig=ctx.verity_sig,
         usr_uuid=usr_uuid,
         verity_uuid=verity_uuid,
         usr_slot_size=img.usr_slot_size,

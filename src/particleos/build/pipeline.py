@@ -18,9 +18,11 @@ from .artifacts import artifacts
 from .bootstrap import bootstrap
 from .configure import configure
 from .context import BuildContext
+from .extensions import extensions, sysext_support
 from .hermetic import hermetic
 from .images import boot_files, build_uki, disk_image, verity
 from .machine import install_machine_tools
+from .trust import install_trust, sign_uki, sign_verity
 from .updates import update_definitions
 from .usrimage import usr_image
 
@@ -29,14 +31,19 @@ Stage = Callable[[BuildContext], None]
 STAGES: list[tuple[str, Stage]] = [
     ("bootstrap: Debian tree (cached)", bootstrap),
     ("configure: users, services, files", configure),
+    ("trust anchors: certificate, update keyring, signed boot loader", install_trust),
     ("updates: sysupdate transfers, boot assessment", update_definitions),
     ("machine-side particle command", install_machine_tools),
+    ("system extensions: merged at boot", sysext_support),
     ("kernel and initrd", boot_files),
     ("hermetic /usr and factory /etc", hermetic),
     ("usr file system image", usr_image),
     ("dm-verity hash tree", verity),
+    ("verity signature", sign_verity),
     ("unified kernel image", build_uki),
+    ("Secure Boot signature of the UKI", sign_uki),
     ("GPT disk image", disk_image),
+    ("extensions: sysext images from the spec", extensions),
     ("update artifacts and SHA256SUMS", artifacts),
 ]
 

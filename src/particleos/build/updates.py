@@ -10,6 +10,7 @@ import os
 from ..errors import ParticleError
 from ..update.transfer import SYSUPDATE_DIR, transfer_files
 from .context import BuildContext
+from .trust import verify_updates
 
 ASSESS_DROPIN = "particle-assess.conf"
 
@@ -27,7 +28,11 @@ def update_definitions(ctx: BuildContext) -> None:
         target.mkdir(parents=True, exist_ok=True)
         for stale in target.glob("*.transfer"):
             stale.unlink()
-        for name, text in transfer_files(ctx.image_id, update.source, update.tries).items():
+        files = transfer_files(
+            ctx.image_id, update.source, update.tries,
+            verity_sig=ctx.spec.signing.key is not None, verify=verify_updates(ctx.spec),
+        )
+        for name, text in files.items():
             (target / name).write_text(text)
     assess_units(ctx)
 

@@ -198,6 +198,8 @@ def _absolute_paths(data: dict[str, Any], base: Path) -> None:
         for key in ("key", "certificate", "openpgp_key"):
             if key in signing:
                 signing[key] = fix(signing[key])
+        if isinstance(signing.get("update_keys"), list):
+            signing["update_keys"] = [fix(v) for v in signing["update_keys"]]
     update = data.get("update")
     source = update.get("source") if isinstance(update, dict) else None
     if isinstance(update, dict) and isinstance(source, str) and "://" not in source:

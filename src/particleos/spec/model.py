@@ -233,6 +233,9 @@ class Signing(Model):
     openpgp_key: str | None = Field(
         None, description="OpenPGP key that signs SHA256SUMS; machines verify updates with it."
     )
+    update_keys: list[str] = Field(
+        [], description="More OpenPGP public keys machines accept for SHA256SUMS (rotation)."
+    )
 
 
 def _check_update_source(v: str | None) -> str | None:

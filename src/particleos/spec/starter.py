@@ -73,10 +73,17 @@ layout = "ab-usr"
 # [signing]
 # key = "keys/particle.key"
 # certificate = "keys/particle.crt"
+# openpgp_key = "keys/particle-openpgp.asc"   # signs SHA256SUMS; machines verify updates
 
 [update]
 # source = "https://updates.example.org/{id}/"   # or a local directory, for tests
 tries = 3                        # boot attempts of a new version before falling back to the old
+
+# Boot assessment: a new version counts as good (and stays) once these units have succeeded;
+# a failing one reboots, and after `tries` failed boots the previous version comes back.
+# [boot]
+# assess = ["my-health-check.service"]
+# on_failure = "reboot"          # reboot | none
 
 # System extensions (sysext) built against exactly this /usr, e.g. developer tools.
 # [extensions.devtools]

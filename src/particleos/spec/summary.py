@@ -105,6 +105,9 @@ def summary_text(spec: Spec) -> str:
         lines.append("  signing       none (unsigned image)")
     source = spec.update.source or "(none)"
     lines.append(f"  update        source {source}, {spec.update.tries} boot tries")
+    if spec.boot.assess:
+        lines.append(f"  boot          assessed by {_items(spec.boot.assess)} "
+                     f"(on failure: {spec.boot.on_failure})")
     for name, ext in spec.extensions.items():
         lines.append(f"  extension     {name}: {_items(ext.packages)}")
     return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""The trust chain of a signed image, as three small stages around the existing ones:
+
+* `install_trust` (before /usr is imaged): the owner's certificate in /usr/lib/verity.d (where
+  systemd looks for userspace verity checks), the OpenPGP public keyring that update metadata
+  is checked against (/usr/lib/systemd/import-pubring.gpg, replacing Debian's vendor keys), and
+  a Secure Boot-signed systemd-boot (`.efi.signed`, which bootctl prefers when it updates).
+* `sign_verity` (after the hash tree): the usr-verity-sig partition and the kernel command line
+  that makes the kernel accept /usr only with a valid root hash signature.
+* `sign_uki` (after the UKI): the UKI signed for Secure Boot.
+
+Only certificates and public keys enter the tree; the private keys are read from the spec's
+paths to sign and never copied. Without `[signing]` every stage does nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import openpgp, uki
+from ..errors import ParticleError
+from ..keys import KeyPair, load_key_pair
+from ..signing import (
+    KERNEL_CMDLINE_MAX,
+    sbsign,
+    usr_signature_cmdline,
+    verity_signature_partition,
+)
+from ..spec import Spec
+from ..ui import ui
+from .context import BuildContext
+
+VERITY_CERT_DIR = "usr/lib/verity.d"
+IMPORT_PUBRING = "usr/lib/systemd/import-pubring.gpg"
+ETC_IMPORT_PUBRING = "etc/systemd/import-pubring.gpg"  # would take precedence: removed
+SDBOOT = "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
+
+
+def key_pair(spec: Spec) -> KeyPair | None:
+    """The spec's signing key pair, or None for an unsigned image."""
+    s = spec.signing
+    if s.key is None and s.certificate is None:
+        return None
+    if s.key is None or s.certificate is None:
+        missing = "key" if s.key is None else "certificate"
+        raise ParticleError(f"signing.{missing}: missing (give both key and certificate)")
+    return load_key_pair(Path(s.key), Path(s.certificate))
+
+
+def verify_updates(spec: Spec) -> bool:
+    """Whether the image's transfer files say `Verify=yes`: its SHA256SUMS are signed."""
+    return spec.signing.openpgp_key is not None
+
+
+def install_trust(ctx: BuildContext) -> None:
+    assert ctx.tree is not None
+    pair = key_pair(ctx.spec)
+    pgp_key = ctx.spec.signing.openpgp_key
+    if pair is None and pgp_key is None:
+        ui.info("  unsigned image (no [signing] keys)")
+        return
+    if pair is not None and pgp_key is None and ctx.spec.update.source:
+        raise ParticleError(
+            "signing.openpgp_key: required when the image is signed and [update] source is set "
+            "(a signed machine must not accept unsigned updates; `particle genkey` writes one)"
+        )
+    if pair is not None:
+        cert_dir = ctx.tree / VERITY_CERT_DIR
+        cert_dir.mkdir(parents=True, exist_ok=True)
+        (cert_dir / f"{ctx.image_id}.crt").write_bytes(pair.cert_pem)
+        signed = ctx.tree / (SDBOOT + ".signed")
+        sbsign(ctx.tools, Path(ctx.spec.signing.key or ""),
+               Path(ctx.spec.signing.certificate or ""), ctx.tree / SDBOOT, signed)
+        ctx.bootloader = signed
+    if pgp_key is not None:
+        if ctx.spec.update.source and not (ctx.tree / "usr/bin/gpg").exists():
+            raise ParticleError(
+                "the image has no gpg, which systemd-sysupdate needs to verify SHA256SUMS.gpg: "
+                'add "gpg" to packages.install'
+            )
+        # The signing key first, then keys trusted during a rotation; keyrings concatenate.
+        ring = b"".join(openpgp.public_keyring(Path(k))
+                        for k in (pgp_key, *ctx.spec.signing.update_keys))
+        (ctx.tree / IMPORT_PUBRING).write_bytes(ring)
+        (ctx.tree / ETC_IMPORT_PUBRING).unlink(missing_ok=True)
+
+
+def sign_verity(ctx: BuildContext) -> None:
+    pair = key_pair(ctx.spec)
+    if pair is None:
+        return
+    root_hash = ctx.root_hash.hex()
+    sig = ctx.work_dir / "usr-verity-sig.img"
+    sig.write_bytes(verity_signature_partition(pair, root_hash))
+    ctx.verity_sig = sig
+    ctx.extra_cmdline += usr_signature_cmdline(pair, root_hash)
+    cmdline = " ".join(
+        uki.usr_cmdline(root_hash, ctx.spec.image.filesystem,
+                        [*ctx.spec.kernel.cmdline, *ctx.extra_cmdline])
+    )
+    if len(cmdline) > KERNEL_CMDLINE_MAX:
+        raise ParticleError(
+            f"kernel.cmdline: with the /usr signature the kernel command line is {len(cmdline)} "
+            f"bytes; the kernel takes at most {KERNEL_CMDLINE_MAX}: shorten kernel.cmdline"
+        )
+    ctx.sizes["usr-verity-sig"] = sig.stat().st_size
+
+
+def sign_uki(ctx: BuildContext) -> None:
+    if ctx.spec.signing.key is None or ctx.uki is None:
+        return
+    signed = ctx.work_dir / "uki.signed.efi"
+    sbsign(ctx.tools, Path(ctx.spec.signing.key), Path(ctx.spec.signing.certificate or ""),
+           ctx.uki, signed)
+    ctx.uki = signed
+    ctx.sizes["uki"] = signed.stat().st_size

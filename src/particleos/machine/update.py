@@ -1,0 +1,220 @@
+"""`particle update` and `particle rollback` on the running machine.
+
+update: systemd-sysupdate downloads the new version into the free slot (usr hash tree, usr,
+then the UKI, which makes it bootable); the new UKI starts with `[update] tries` boot tries.
+rollback: the version the boot loader would start next is marked bad (its UKI renamed to
+`+0-N`, as if it had used up its tries), so the previous good version boots again. No EFI
+variable is pinned, so the next update still becomes the default as usual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from . import entries as boot_entries
+from . import gpt, status, switch
+from .cli import MachineError
+from .entries import Entry
+from .versions import vercmp, version_key
+
+SYSUPDATE = "/usr/lib/systemd/systemd-sysupdate"
+LOCK = Path("/run/particle-update.lock")
+
+
+def _sysupdate(*args: str, capture: bool = False) -> subprocess.CompletedProcess[str]:
+    if not os.path.exists(SYSUPDATE):
+        raise MachineError(f"{SYSUPDATE} is missing (package systemd-container)")
+    env = dict(os.environ, SYSTEMD_COLORS="0", SYSTEMD_PAGER="")
+    return subprocess.run([SYSUPDATE, "--no-pager", *args], env=env, text=True, check=False,
+                          stdout=subprocess.PIPE if capture else None,
+                          stderr=subprocess.PIPE if capture else None)
+
+
+def _require_definitions() -> None:
+    if status.update_source() is None:
+        raise MachineError("this image has no update definitions (build it with "
+                           "[update] source set)")
+
+
+def _running_version() -> str:
+    return boot_entries.os_release_fields(status.OS_RELEASE.read_text()).get("IMAGE_VERSION", "?")
+
+
+def _entries() -> tuple[Path, list[Entry]]:
+    esp = boot_entries.find_esp()
+    found = boot_entries.list_entries(esp)
+    boot_entries.apply_bootctl(found)
+    return esp, found
+
+
+def clean_stale_downloads(esp: Path) -> list[Path]:
+    """Remove UKI downloads that an interrupted sysupdate left on the ESP (`.#sysupdate*`):
+    each is as large as a UKI and a few of them would fill the ESP."""
+    removed = []
+    linux = esp / "EFI/Linux"
+    for p in sorted(linux.glob(".#sysupdate*")) if linux.is_dir() else []:
+        p.unlink()
+        removed.append(p)
+    return removed
+
+
+def _automatic_update_running() -> bool:
+    proc = subprocess.run(["systemctl", "is-active", "--quiet", "systemd-sysupdate.service"],
+                          check=False)
+    return proc.returncode == 0
+
+
+def check(running: str) -> str:
+    """What a newer version would be: asks sysupdate for every version it knows (available at
+    the source or installed) and the boot entries for what is already installed."""
+    proc = _sysupdate("--json=short", "list", capture=True)
+    try:
+        listed = json.loads(proc.stdout) if proc.returncode == 0 else None
+    except ValueError:
+        listed = None
+    if not isinstance(listed, dict):
+        raise MachineError(f"checking for updates failed:\n{proc.stderr.strip()}")
+    versions = sorted((str(v) for v in listed.get("all") or []), key=version_key)
+    newest = versions[-1] if versions else running
+    if vercmp(newest, running) <= 0:
+        return f"up to date: {running} is the newest version"
+    _, found = _entries()
+    installed = next((e for e in found if e.version == newest), None)
+    if installed is None:
+        return f"update available: {newest} (running {running})"
+    if installed.state == "bad":
+        return f"up to date: {running}; {newest} is installed but failed its boot assessment"
+    return f"{newest} is installed and boots next (running {running})"
+
+
+def running_unproven(found: list[Entry], running: str) -> str | None:
+    """Why updating now would be unsafe, or None. An update overwrites the slot of the other
+    version; while the running one has not been marked good, that other version is the only
+    one known to boot."""
+    mine = next((e for e in found if e.version == running), None)
+    if mine is None or mine.state != "pending":
+        return None
+    fallback = [e.version for e in found if e.state == "good" and e.version != running]
+    how = ("was switched to without a firmware boot" if not mine.booted
+           else "is still being assessed")
+    return (f"{running} {how} and is not marked good yet: an update now would overwrite "
+            f"{', '.join(fallback) or 'the other slot'}, the last version known to boot")
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    _require_definitions()
+    running = _running_version()
+    if args.check:
+        print(check(running))
+        return 0
+    with open(LOCK, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise MachineError("another `particle update` is running") from err
+        if _automatic_update_running():
+            raise MachineError("systemd-sysupdate.service (the automatic update) is running; "
+                               "try again when it is done")
+        esp, before = _entries()
+        unproven = running_unproven(before, running)
+        if unproven is not None and not args.force:
+            raise MachineError(unproven + "; reboot (and let it be marked good) first, or "
+                               "use --force")
+        known = {e.id for e in before}
+        for p in clean_stale_downloads(esp):
+            print(f"removed an interrupted download: {p}")
+        for name in switch.detach_stale_usr():
+            print(f"detached the unused /usr device {name}")
+        print(f"running {running}; looking for updates at {status.update_source()}", flush=True)
+        proc = _sysupdate("update")
+        if proc.returncode != 0:
+            raise MachineError("systemd-sysupdate update failed (see above); the running "
+                               "version and its boot entry are unchanged")
+        # sysupdate syncs what it downloads but not the final rename of the UKI: without this,
+        # a power loss right after "installed" can silently lose the update (measured).
+        os.sync()
+    _, found = _entries()
+    default = next((e for e in found if e.default), None)
+    if default is None or default.version == running:
+        print(f"up to date: {running}")
+        return 0
+    fresh = default.id not in known
+    tries = default.tries_left if default.tries_left is not None else "-"
+    print(f"{'installed' if fresh else 'already installed:'} {default.version} "
+          f"({default.path.name}, {tries} boot tries left); it boots next", flush=True)
+    if args.soft or args.kexec:
+        disk = _disk()
+        switch.switch(default, disk, force_kexec=args.kexec)
+    elif args.reboot:
+        switch.announce(f"reboot into {default.version}")
+        subprocess.run(["systemctl", "reboot"], check=False)
+    else:
+        print("reboot to start it, or switch to it now: particle update --soft")
+    return 0
+
+
+def _disk() -> str:
+    under = gpt.partitions_under(gpt.block_of("/usr")) or \
+        gpt.partitions_under(gpt.block_of("/"))
+    if not under:
+        raise MachineError("cannot tell which disk /usr is on")
+    return under[0][0]
+
+
+def choose_rollback(found: list[Entry], slot_of: dict[str, bool]) -> tuple[Entry, Entry]:
+    """(entry to mark bad, entry that then boots): the current default goes; the first good
+    entry after it in boot order whose /usr is on the disk comes back."""
+    default = next((e for e in found if e.default), None)
+    if default is None:
+        raise MachineError("no boot entries found")
+    for e in found:
+        if e is not default and e.state == "good" and slot_of.get(e.path.name):
+            return default, e
+    others = ", ".join(f"{e.path.name} ({e.state})" for e in found if e is not default)
+    raise MachineError(f"no other good version to roll back to (other entries: "
+                       f"{others or 'none'})")
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    _, found = _entries()
+    image_id = boot_entries.os_release_fields(status.OS_RELEASE.read_text()).get("IMAGE_ID", "")
+    st_slots = status.slots_from_gpt(gpt.read_disk_gpt(_disk()), image_id)
+    status.link_entries(st_slots, found)
+    on_disk = {name: True for s in st_slots for name in s.entries}
+    bad, back = choose_rollback(found, on_disk)
+    for var in ("LoaderEntryOneShot", "LoaderEntryDefault"):
+        value = boot_entries.efi_var(var)
+        if value and value.lower() == bad.id.lower():
+            flag = "set-oneshot" if var.endswith("OneShot") else "set-default"
+            subprocess.run(["bootctl", flag, ""], check=False)
+    new_path = boot_entries.mark_bad(bad)
+    os.sync()  # the ESP is FAT: make the rename survive a power loss
+    print(f"marked {bad.version} bad ({bad.path.name} -> {new_path.name}); "
+          f"{back.version} boots next")
+    if args.reboot:
+        switch.announce(f"reboot into {back.version}")
+        subprocess.run(["systemctl", "reboot"], check=False)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("update", help="download and install the newest version (sysupdate)")
+    p.add_argument("--check", action="store_true", help="only say whether a newer version exists")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--reboot", action="store_true", help="reboot into it when installed")
+    how.add_argument("--soft", action="store_true",
+                     help="switch to it without firmware reboot (soft-reboot, or kexec when "
+                          "the kernel differs)")
+    how.add_argument("--kexec", action="store_true",
+                     help="like --soft, but always kexec the new UKI's kernel")
+    p.add_argument("--force", action="store_true",
+                   help="update even though the running version is not marked good yet")
+    p.set_defaults(func=cmd_update)
+    r = sub.add_parser("rollback", help="make the previous good version the default again")
+    r.add_argument("--reboot", action="store_true", help="reboot into it")
+    r.set_defaults(func=cmd_rollback)
