@@ -4,24 +4,15 @@ index last, so a reader never sees an index that names a missing or half-written
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 from .. import runner
-from ..cache import fsync_path, write_atomic
+from ..cache import fsync_path, sha256_file, write_atomic
 from ..spec.loader import spec_digest
 from .context import BuildContext
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def installed_packages(tree: Path) -> dict[str, str]:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from ..build.artifacts import publish, sha256_file
-from ..cache import cache_root, remove_tree
+from ..build.artifacts import publish
+from ..cache import cache_root, remove_tree, sha256_file
 from ..errors import ParticleError
 from ..machine.sysext import NAME_RE, artifact_name
 from ..tools import ToolsTree

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import UUID, uuid5
 
-from ..cache import atomic_file, fsync_path
+from ..cache import atomic_file, fsync_path, sha256_file
 from ..disk.layout import NAMESPACE
 from ..errors import ParticleError
 from ..machine.versions import version_key
@@ -206,14 +206,6 @@ def _copy(src: Path, dest: Path, published: str | None, expected: str | None) ->
                 f"{src}: its SHA256 does not match the build's SHA256SUMS (corrupted output?)"
             )
     return digest
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager
