@@ -28,6 +28,7 @@ PACKAGE_OF = {
     "qemu-img": "qemu-utils",
     "unshare": "util-linux",
     "chroot": "coreutils",
+    "systemctl": "systemd",
     "gpg": "gnupg",
     "gpgv": "gnupg",
 }
