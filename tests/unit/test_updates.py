@@ -318,3 +318,26 @@ def test_spec_update_and_boot_validation(tmp_path: Path) -> None:
     (tmp_path / "particle.toml").write_text(
         '[system]\nid = "demo"\n[update]\nsource = "updates"\n')
     assert load_spec(tmp_path).update.source == f"{tmp_path}/updates"  # relative to the spec
+
+
+def test_publish_carries_the_versions_extensions(tmp_path: Path) -> None:
+    """Machines with an extension installed fetch its matching version with each update."""
+    build = fake_build(tmp_path / "out", "2.0")
+    ext = build / "demo-devtools_2.0.raw"
+    ext.write_bytes(b"sysext image")
+    manifest = build / "demo_2.0.manifest.json"
+    data = json.loads(manifest.read_text())
+    data["extensions"] = {"devtools": {"file": ext.name}}
+    manifest.write_text(json.dumps(data))
+    sums = pub.read_index(build / "SHA256SUMS")
+    sums[manifest.name] = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    sums[ext.name] = hashlib.sha256(ext.read_bytes()).hexdigest()
+    (build / "SHA256SUMS").write_text(pub.format_index(sums))
+    srv = tmp_path / "srv"
+    pub.publish(build, srv)
+    index = pub.read_index(srv / "SHA256SUMS")
+    assert index[ext.name] == sums[ext.name]
+    assert (srv / ext.name).read_bytes() == b"sysext image"
+    ext.unlink()
+    with pytest.raises(ParticleError, match=r"demo-devtools_2\.0\.raw is missing"):
+        pub.publish(build, tmp_path / "srv2")

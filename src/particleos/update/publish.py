@@ -102,6 +102,13 @@ def find_version(build_dir: Path, version: str | None = None) -> BuiltVersion:
             raise ParticleError(f"{build_dir}: {src.name} is missing; rebuild version {version}")
         files[served_name(image_id, version, part, uuid)] = src
     files[manifest.name] = manifest
+    # System extensions built for this version travel with it: machines that installed one
+    # fetch the matching version under its own name (see ext/transfer.py).
+    for ext in dict(data.get("extensions") or {}).values():
+        src = build_dir / str(ext["file"])
+        if not src.is_file():
+            raise ParticleError(f"{build_dir}: extension {src.name} is missing; rebuild it")
+        files[src.name] = src
     return BuiltVersion(image_id, version, files)
 
 
