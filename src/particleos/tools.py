@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from . import runner
@@ -26,21 +26,57 @@ TOOLS_PACKAGES = (
 )
 TOOLS_LAYOUT_VERSION = "1"
 
+# Enter a root with chroot inside a private mount namespace: the mounts vanish with the
+# command, whatever happens. Kernel file systems first, then the binds (so a bind below /tmp is
+# not hidden by the tmpfs); with $net = 1 the host's resolver is copied in for apt.
 _ENTER = r"""
 set -e
 tree="$1"; shift
-nbinds="$1"; shift
-i=0
-while [ "$i" -lt "$nbinds" ]; do
-    src="$1"; shift
-    mkdir -p "$tree$src"
-    mount --bind "$src" "$tree$src"
-    i=$((i + 1))
-done
+net="$1"; shift
+n="$1"; shift
 mount --bind /dev "$tree/dev"
 mount -t proc proc "$tree/proc"
+mount -t sysfs sysfs "$tree/sys"
+mount -t tmpfs tmpfs "$tree/tmp"
+i=0
+while [ "$i" -lt "$n" ]; do
+    mkdir -p "$1" "$tree$2"
+    mount --bind "$1" "$tree$2"
+    shift 2
+    i=$((i + 1))
+done
+if [ "$net" = 1 ]; then
+    rm -f "$tree/etc/resolv.conf"
+    cp -L /etc/resolv.conf "$tree/etc/resolv.conf" 2>/dev/null || true
+fi
 exec chroot "$tree" "$@"
 """
+BASE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
+
+
+def run_in_root(
+    tree: Path,
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    binds: Iterable[tuple[Path, str]] = (),
+    env: Mapping[str, str] | None = None,
+    network: bool = False,
+    what: str,
+    capture: bool = False,
+) -> str:
+    """Run `argv` chrooted into `tree` with a clean environment (BASE_ENV + `env`); each host
+    path of `binds` appears at the given path inside. Used for the tools tree and for apt/dkms
+    in extension trees."""
+    pairs = [(str(src), dst) for src, dst in binds]
+    envargs = [f"{k}={v}" for k, v in {**BASE_ENV, **(env or {})}.items()]
+    proc = runner.run(
+        ["unshare", "--mount", "--propagation", "private", "--",
+         "sh", "-c", _ENTER, "particle-chroot", str(tree), "1" if network else "0",
+         str(len(pairs)), *[x for pair in pairs for x in pair],
+         "env", "-i", *envargs, *[os.fspath(a) for a in argv]],
+        what=what, capture=capture,
+    )
+    return proc.stdout.decode(errors="replace") if capture else ""
 
 
 class ToolsTree:
@@ -82,17 +118,9 @@ class ToolsTree:
     ) -> str:
         """Run a tool inside the tree; `binds` are host directories the tool needs to see."""
         tree = self.ensure()
-        dirs = sorted({str(Path(b).resolve()) for b in binds})
-        envargs = [f"{k}={v}" for k, v in (env or {}).items()]
-        proc = runner.run(
-            [
-                "unshare", "--mount", "--propagation", "private", "--",
-                "sh", "-c", _ENTER, "particle-tools", str(tree), str(len(dirs)), *dirs,
-                "env", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", *envargs,
-                *[os.fspath(a) for a in argv],
-            ],
-            what=what or Path(os.fspath(argv[0])).name,
-            capture=capture,
+        dirs = sorted({Path(b).resolve() for b in binds})
+        return run_in_root(
+            tree, argv, binds=[(d, str(d)) for d in dirs], env=env,
+            what=what or Path(os.fspath(argv[0])).name, capture=capture,
         )
-        return proc.stdout.decode() if capture else ""
 

@@ -4,32 +4,11 @@ from the host, the shared apt caches bind-mounted in, and the host's resolver.""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .. import runner
 from ..cache import cache_root
-
-_ENTER = r"""
-set -e
-tree="$1"; shift
-n="$1"; shift
-i=0
-while [ "$i" -lt "$n" ]; do
-    mkdir -p "$1" "$tree$2"
-    mount --bind "$1" "$tree$2"
-    shift 2
-    i=$((i + 1))
-done
-mount --bind /dev "$tree/dev"
-mount -t proc proc "$tree/proc"
-mount -t sysfs sysfs "$tree/sys"
-mount -t tmpfs tmpfs "$tree/tmp"
-rm -f "$tree/etc/resolv.conf"
-cp -L /etc/resolv.conf "$tree/etc/resolv.conf" 2>/dev/null || true
-exec chroot "$tree" "$@"
-"""
+from ..tools import run_in_root
 
 ENV = {
     "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
@@ -58,14 +37,5 @@ def run_in_tree(
     capture: bool = False,
 ) -> str:
     """Run `argv` chrooted into `tree` (host paths in `binds` appear at the given paths)."""
-    flat: list[str] = []
-    for src, dst in binds:
-        flat += [str(src), dst]
-    env = [f"{k}={v}" for k, v in ENV.items()]
-    proc = runner.run(
-        ["unshare", "--mount", "--propagation", "private", "--",
-         "sh", "-c", _ENTER, "particle-ext", os.fspath(tree), str(len(binds)), *flat,
-         "env", "-i", *env, *argv],
-        what=what, capture=capture,
-    )
-    return proc.stdout.decode(errors="replace") if capture else ""
+    return run_in_root(tree, argv, binds=binds, env=ENV, network=True, what=what,
+                       capture=capture)
