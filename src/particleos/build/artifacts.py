@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import runner
 from ..cache import fsync_path, sha256_file, write_atomic
-from ..spec.loader import spec_digest
+from ..spec.summary import spec_digest
 from .context import BuildContext
 
 

@@ -19,17 +19,6 @@ from pydantic import ValidationError
 from ..errors import SpecError
 from .errors import Key, KeyPath, clean_loc, did_you_mean, format_value, key_path, message
 from .model import Spec
-from .summary import json_schema, resolved_version, spec_digest, summary_text
-
-__all__ = [
-    "display_path",
-    "json_schema",
-    "load_spec",
-    "resolve_spec_path",
-    "resolved_version",
-    "spec_digest",
-    "summary_text",
-]
 
 SPEC_NAME = "particle.toml"
 _PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
