@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from particleos.build import build
+from particleos.builder import build
 from particleos.cache import cache_root
 from particleos.spec import load_spec
 from particleos.ui import ui

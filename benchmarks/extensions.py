@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from particleos.build import build
+from particleos.builder import build
 from particleos.cache import cache_root, remove_tree
 from particleos.ext.cli import build_for_base
 from particleos.spec import load_spec

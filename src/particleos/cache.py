@@ -4,7 +4,6 @@ under its final name or not at all, so an interrupted build never leaves half a 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import subprocess
@@ -89,15 +88,6 @@ def atomic_file(final: Path, mode: str = "wb") -> Iterator[Path]:
 def write_atomic(final: Path, data: bytes | str) -> None:
     with atomic_file(final) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks (images are too large to read whole)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fsync_path(path: Path) -> None:

@@ -103,7 +103,7 @@ def init(directory: Path, image_id: str | None) -> None:
 def build(spec: Path | None, profiles: tuple[str, ...], overrides: tuple[str, ...],
           output: Path | None, as_json: bool) -> None:
     """Build the disk image and the update artifacts of a spec."""
-    from .build import build as run_build
+    from .builder import build as run_build
     from .spec import resolve_spec_path
 
     path = resolve_spec_path(spec)
@@ -210,7 +210,7 @@ def publish(build_dir: Path, update_dir: Path, keep: int | None, version: str | 
               help="Also remove the caches (trees, tools tree, apt archives).")
 def clean(spec: Path | None, everything: bool) -> None:
     """Remove the build outputs of a spec (and with --all every cache)."""
-    from .build import clean as run_clean
+    from .builder import clean as run_clean
 
     dirs: list[Path] = []
     candidate = spec or Path.cwd()

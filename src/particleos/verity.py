@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import ClassVar, Final
 from uuid import UUID
 
+from . import formats
 from .ui import ui
 
 # Default salt: fixed, so two builds of the same inputs give the same root hash. Callers that
@@ -149,9 +150,8 @@ def verity_uuids(root_hash: bytes) -> tuple[UUID, UUID]:
     with no UUID version/variant bits forced. Give the partitioning tool str(uuid): GPT stores
     the mixed-endian encoding of that string, and udev shows the string again.
     """
-    if len(root_hash) < 16:
-        raise ValueError(f"root hash is {len(root_hash)} bytes; at least 16 are needed")
-    return UUID(bytes=root_hash[:16]), UUID(bytes=root_hash[-16:])
+    data, hashes = formats.verity_partition_uuids(root_hash)
+    return UUID(data), UUID(hashes)
 
 
 def verity_sig_json(root_hash_hex: str, signature_der: bytes, cert_der: bytes) -> bytes:

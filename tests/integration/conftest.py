@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from particleos.build import BuildResult, build
+from particleos.builder import BuildResult, build
 from particleos.spec import load_spec
 
 SPECS = Path(__file__).resolve().parent / "specs"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from particleos.build import build
+from particleos.builder import build
 from particleos.errors import CommandError
 from particleos.spec import load_spec
 

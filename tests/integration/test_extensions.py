@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from particleos.build import BuildResult
+from particleos.builder import BuildResult
 from particleos.disk import PartType, make_ext4, read_table
 from particleos.ext.cli import ExtBuild, build_for_base
-from particleos.machine.sysext import parse_release, read_image, read_sha256sums
+from particleos.formats import parse_sha256sums
+from particleos.machine.sysext import parse_release, read_image
 from particleos.tools import ToolsTree
 from particleos.vm import VM, VMOptions
 
@@ -75,7 +76,7 @@ def extract_usr(image: Path, dest: Path) -> Path:
 def test_extension_images(builds: Builds, tmp_path: Path) -> None:
     out = builds.base.output_dir
     manifest = json.loads((out / f"{ID}_{V1}.manifest.json").read_text())
-    sums = read_sha256sums((out / "SHA256SUMS").read_text())
+    sums = parse_sha256sums((out / "SHA256SUMS").read_text())
     assert "gcc" not in manifest["packages"] and "make" not in manifest["packages"]
     for name in ("devtools", "dkmstest"):
         image = out / f"{ID}-{name}_{V1}.raw"
@@ -126,7 +127,7 @@ def test_extension_images(builds: Builds, tmp_path: Path) -> None:
 def test_ext_build_after_the_fact(builds: Builds) -> None:
     r = builds.hello.result
     assert r.path == builds.other.output_dir / f"{ID}-hello_{V2}.raw"
-    assert r.path.name in read_sha256sums((builds.other.output_dir / "SHA256SUMS").read_text())
+    assert r.path.name in parse_sha256sums((builds.other.output_dir / "SHA256SUMS").read_text())
     assert "hello" in r.packages
     assert read_image(r.path).root_hash == r.root_hash
     # The fast path: a fraction of a full rebuild of the base (which rebuilds every extension).
@@ -143,8 +144,8 @@ def exts_disk(builds: Builds, tmp_path_factory: pytest.TempPathFactory) -> Path:
     content.mkdir()
     images = [builds.base.output_dir / f"{ID}-devtools_{V1}.raw",
               builds.base.output_dir / f"{ID}-dkmstest_{V1}.raw", builds.hello.result.path]
-    sums = {**read_sha256sums((builds.base.output_dir / "SHA256SUMS").read_text()),
-            **read_sha256sums((builds.other.output_dir / "SHA256SUMS").read_text())}
+    sums = {**parse_sha256sums((builds.base.output_dir / "SHA256SUMS").read_text()),
+            **parse_sha256sums((builds.other.output_dir / "SHA256SUMS").read_text())}
     for image in images:
         shutil.copyfile(image, content / image.name)
     (content / "SHA256SUMS").write_text(

@@ -27,8 +27,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from particleos import openpgp
-from particleos.build import BuildResult
+from particleos.builder import BuildResult
 from particleos.disk import PartType, read_table
+from particleos.formats import format_sha256sums
 from particleos.keys import (
     KeyFiles,
     KeyPair,
@@ -37,15 +38,14 @@ from particleos.keys import (
     load_key_pair,
     self_signed_certificate,
 )
-from particleos.relay import user_nic
 from particleos.secureboot import enroll_vars, pe_signer_certificates
 from particleos.signing import sign_root_hash
 from particleos.tools import ToolsTree
-from particleos.update.publish import format_index
 from particleos.update.transfer import UKI, USR, VERITY, VERITY_SIG, served_name
 from particleos.vm import VM, VMOptions, find_ovmf
 
 from .conftest import BuildFn
+from .relay import user_nic
 
 pytestmark = pytest.mark.slow
 VERSION = "1.0.0"
@@ -253,7 +253,7 @@ def update_server(owner: KeyFiles, tmp_path_factory: pytest.TempPathFactory) -> 
             index[name] = hashlib.sha256(data).hexdigest()
             if digest and name.endswith(VERITY_SIG.suffix):
                 index[name] = digest
-        (d / "SHA256SUMS").write_text(format_index(index))
+        (d / "SHA256SUMS").write_text(format_sha256sums(index))
         if key is not None:
             openpgp.sign_detached(key, d / "SHA256SUMS")
     handler = partial(SimpleHTTPRequestHandler, directory=str(root))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from particleos.build.configure import apply_files, write_os_release
-from particleos.build.context import BuildContext
-from particleos.build.hermetic import hermetic, move_enablement_links
+from particleos.builder.configure import apply_files, write_os_release
+from particleos.builder.context import BuildContext
+from particleos.builder.hermetic import hermetic, move_enablement_links
 from particleos.errors import ParticleError
 from particleos.spec import load_spec
 from particleos.tools import ToolsTree

@@ -12,6 +12,7 @@ from uuid import UUID
 
 import pytest
 
+from particleos import formats
 from particleos.disk import MiB, Partition, PartType, read_table, write_disk
 from particleos.machine import entries, gpt, pe, status
 from particleos.machine.cli import MachineError
@@ -81,7 +82,7 @@ def test_gpt_parsing_matches_sfdisk(tmp_path: Path) -> None:
 
 def test_guid_text_forms() -> None:
     u = UUID("0b0e7c6a-7f3e-4d57-9c1d-4c1f8b7f2a10")
-    assert gpt.guid(u.bytes_le) == str(u)
+    assert formats.guid_from_gpt(u.bytes_le) == str(u)
     assert gpt.dashed(u.hex) == str(u)
 
 

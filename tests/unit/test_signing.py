@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from particleos import openpgp, secureboot, signing, vm
-from particleos.build import trust
-from particleos.build.context import BuildContext
-from particleos.build.updates import update_definitions
+from particleos.builder import trust
+from particleos.builder.context import BuildContext
+from particleos.builder.updates import update_definitions
 from particleos.errors import ParticleError
 from particleos.keys import KeyFiles, KeyPair, genkey, load_key_pair
 from particleos.spec import load_spec

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from particleos.build.context import BuildContext
-from particleos.build.updates import update_definitions
+from particleos.builder.context import BuildContext
+from particleos.builder.updates import update_definitions
 from particleos.errors import ParticleError, SpecError
+from particleos.formats import format_sha256sums, read_sha256sums
 from particleos.machine.versions import vercmp, version_key
 from particleos.spec import load_spec
 from particleos.tools import ToolsTree
@@ -30,6 +31,8 @@ from particleos.update.transfer import (
     transfer_files,
 )
 from particleos.verity import verity_uuids
+
+RELAY = Path(__file__).resolve().parent.parent / "integration" / "relay.py"
 
 ID = "demo"
 
@@ -102,9 +105,9 @@ def fake_build(out: Path, version: str, *, payload: bytes = b"") -> Path:
     }
     for name, data in files.items():
         (out / name).write_bytes(data)
-    old = pub.read_index(out / "SHA256SUMS")
+    old = read_sha256sums(out / "SHA256SUMS")
     old.update({n: hashlib.sha256(d).hexdigest() for n, d in files.items() if n != f"{stem}.raw"})
-    (out / "SHA256SUMS").write_text(pub.format_index(old))
+    (out / "SHA256SUMS").write_text(format_sha256sums(old))
     return out
 
 
@@ -116,7 +119,7 @@ def test_publish_names_index_and_content(tmp_path: Path) -> None:
     usr_uuid, verity_uuid = verity_uuids(rh)
     expected = {f"demo_1.0_{usr_uuid}.usr.raw", f"demo_1.0_{verity_uuid}.usr-verity.raw",
                 "demo_1.0.efi", "demo_1.0.manifest.json"}
-    index = pub.read_index(srv / "SHA256SUMS")
+    index = read_sha256sums(srv / "SHA256SUMS")
     assert set(index) == expected
     for name, digest in index.items():
         assert hashlib.sha256((srv / name).read_bytes()).hexdigest() == digest
@@ -134,7 +137,7 @@ def test_publish_keep_removes_oldest_versions(tmp_path: Path) -> None:
     srv = tmp_path / "srv"
     for v in ("1.9", "1.10", "1.11"):
         pub.publish(fake_build(tmp_path / "out", v), srv, version=v, keep=2)
-    versions = {pub.version_of(n, ID) for n in pub.read_index(srv / "SHA256SUMS")}
+    versions = {pub.version_of(n, ID) for n in read_sha256sums(srv / "SHA256SUMS")}
     assert versions == {"1.10", "1.11"}  # by version order, not by name
     assert not any(p.name.startswith("demo_1.9") for p in srv.iterdir())
     result = pub.publish(tmp_path / "out", srv, version="1.11", keep=1)
@@ -167,7 +170,7 @@ def test_publish_keeps_other_images_and_drops_missing_entries(tmp_path: Path) ->
     digest = hashlib.sha256(b"x").hexdigest()
     (srv / "SHA256SUMS").write_text(f"{digest}  other_5.efi\n{digest}  gone_1.efi\n")
     pub.publish(fake_build(tmp_path / "out", "1.0"), srv, keep=1)
-    index = pub.read_index(srv / "SHA256SUMS")
+    index = read_sha256sums(srv / "SHA256SUMS")
     assert index["other_5.efi"] == digest and "gone_1.efi" not in index
 
 
@@ -201,9 +204,9 @@ def test_index_is_replaced_atomically(tmp_path: Path) -> None:
         index = srv / "SHA256SUMS"
         while not stop.is_set():
             text = index.read_text()
-            if not text.endswith("\n") or len(pub.read_index(index)) * 1 == 0:
+            if not text.endswith("\n") or len(read_sha256sums(index)) * 1 == 0:
                 problems.append(f"partial index: {text!r}")
-            missing = [n for n in pub.read_index(index) if not (srv / n).exists()]
+            missing = [n for n in read_sha256sums(index) if not (srv / n).exists()]
             # A file may go away after a *newer* index stopped naming it, never before.
             if missing and index.read_text() == text:
                 problems.append(f"{missing} listed but missing")
@@ -248,7 +251,7 @@ def test_relay_copies_both_ways(tmp_path: Path) -> None:
     t = threading.Thread(target=serve)
     t.start()
     payload = os.urandom(300_000)
-    proc = subprocess.run([sys.executable, "-m", "particleos.relay", str(port)], input=payload,
+    proc = subprocess.run([sys.executable, str(RELAY), str(port)], input=payload,
                           capture_output=True, timeout=30, check=False)
     t.join()
     server.close()
@@ -329,13 +332,13 @@ def test_publish_carries_the_versions_extensions(tmp_path: Path) -> None:
     data = json.loads(manifest.read_text())
     data["extensions"] = {"devtools": {"file": ext.name}}
     manifest.write_text(json.dumps(data))
-    sums = pub.read_index(build / "SHA256SUMS")
+    sums = read_sha256sums(build / "SHA256SUMS")
     sums[manifest.name] = hashlib.sha256(manifest.read_bytes()).hexdigest()
     sums[ext.name] = hashlib.sha256(ext.read_bytes()).hexdigest()
-    (build / "SHA256SUMS").write_text(pub.format_index(sums))
+    (build / "SHA256SUMS").write_text(format_sha256sums(sums))
     srv = tmp_path / "srv"
     pub.publish(build, srv)
-    index = pub.read_index(srv / "SHA256SUMS")
+    index = read_sha256sums(srv / "SHA256SUMS")
     assert index[ext.name] == sums[ext.name]
     assert (srv / ext.name).read_bytes() == b"sysext image"
     ext.unlink()

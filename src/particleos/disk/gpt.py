@@ -7,13 +7,12 @@ passes ~30 s (DESIGN.md section 8), and every field (UUIDs, labels, offsets) is 
 from __future__ import annotations
 
 import errno
-import json
 import os
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from .. import runner
+from .. import formats, runner
 from ..cache import atomic_file
 from ..errors import ParticleError
 from .layout import GPT_NAME_MAX, Partition, disk_size, file_size, partition_offsets
@@ -71,11 +70,21 @@ def write_disk(
 
 
 def read_table(path: Path) -> list[dict[str, Any]]:
-    """The partitions as `sfdisk --json` reports them (start/size in 512-byte sectors,
-    type/uuid upper-case, attrs like "GUID:59")."""
-    data = json.loads(runner.output(["sfdisk", "--json", path], what="sfdisk --json"))
-    parts: list[dict[str, Any]] = data["partitiontable"].get("partitions", [])
-    return parts
+    """The partitions in the shape `sfdisk --json` reports them (start/size in 512-byte
+    sectors, type/uuid upper-case, attrs like "GUID:59"), read by the one GPT reader in
+    `particleos.formats`."""
+    table = []
+    for p in formats.read_gpt(path):
+        entry: dict[str, Any] = {
+            "node": f"{path}{p.number}", "start": p.first_lba,
+            "size": p.last_lba - p.first_lba + 1, "type": p.type.upper(),
+            "uuid": p.uuid.upper(), "name": p.label,
+        }
+        bits = [b for b in range(48, 64) if p.attrs >> b & 1]
+        if bits:
+            entry["attrs"] = "GUID:" + ",".join(str(b) for b in sorted(bits, reverse=True))
+        table.append(entry)
+    return table
 
 
 def copy_into(dst_fd: int, src: Path, offset: int) -> None:

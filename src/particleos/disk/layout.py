@@ -12,42 +12,41 @@ from pathlib import Path
 from typing import Final
 from uuid import UUID
 
+from .. import formats
 from ..errors import ParticleError
 from .sizes import ALIGNMENT, SECTOR_SIZE, KiB, MiB, align_up, format_size
 
 
 class PartType:
-    """Discoverable Partitions Specification type GUIDs (x86-64 where it matters).
+    """Discoverable Partitions Specification type GUIDs (x86-64 where it matters), as UUIDs;
+    the values are defined once, in `particleos.formats`.
 
     systemd-gpt-auto-generator, systemd-repart and systemd-sysupdate find partitions by these.
     """
 
-    ESP: Final = UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")
-    XBOOTLDR: Final = UUID("bc13c2ff-59e6-4262-a352-b275fd6f7172")
-    USR: Final = UUID("8484680c-9521-48c6-9c11-b0720656f69e")
-    USR_VERITY: Final = UUID("77ff5f63-e7b6-4633-acf4-1565b864c0e6")
-    USR_VERITY_SIG: Final = UUID("e7bb33fb-06cf-4e81-8273-e543b413e2e2")
-    ROOT: Final = UUID("4f68bce3-e8cd-4db1-96e7-fbcaf984b709")
-    ROOT_VERITY: Final = UUID("2c7357ed-ebd2-46d9-aec1-23d437ec2bf5")
-    ROOT_VERITY_SIG: Final = UUID("41092b05-9fc8-4523-994f-2def0408b176")
-    HOME: Final = UUID("933ac7e1-2eb4-4f13-b844-0e14e2aef915")
-    SWAP: Final = UUID("0657fd6d-a4ab-43c4-84e5-0933c84b4f4f")
-    VAR: Final = UUID("4d21b016-b534-45c2-a9fb-5c16e091fd2d")
+    ESP: Final = UUID(formats.ESP)
+    XBOOTLDR: Final = UUID(formats.XBOOTLDR)
+    USR: Final = UUID(formats.USR)
+    USR_VERITY: Final = UUID(formats.USR_VERITY)
+    USR_VERITY_SIG: Final = UUID(formats.USR_VERITY_SIG)
+    ROOT: Final = UUID(formats.ROOT)
+    ROOT_VERITY: Final = UUID(formats.ROOT_VERITY)
+    ROOT_VERITY_SIG: Final = UUID(formats.ROOT_VERITY_SIG)
+    HOME: Final = UUID(formats.HOME)
+    SWAP: Final = UUID(formats.SWAP)
+    VAR: Final = UUID(formats.VAR)
 
 
-# GPT attribute bits with a DPS meaning (bits 48-63 are type-specific in UEFI).
-ATTR_NO_AUTO: Final = 63
-ATTR_READ_ONLY: Final = 60
-ATTR_GROW_FS: Final = 59
+ATTR_NO_AUTO: Final = formats.ATTR_NO_AUTO
+ATTR_READ_ONLY: Final = formats.ATTR_READ_ONLY
+ATTR_GROW_FS: Final = formats.ATTR_GROW_FS
 
 # Room for the verity signature JSON (a PKCS#7 signature plus a hex root hash is ~2-3 KiB);
 # fixed so that slot B can take any later signature.
 VERITY_SIG_SIZE: Final = 16 * KiB
-EMPTY_LABEL: Final = "_empty"  # what systemd-sysupdate looks for as a free slot
+EMPTY_LABEL: Final = formats.EMPTY_LABEL
 GPT_NAME_MAX: Final = 36  # UTF-16 code units in a GPT partition entry
-
-# Namespace for UUIDs we derive: same inputs, same UUIDs, byte-identical disks.
-NAMESPACE: Final = UUID("9c1c0a4e-3a55-4a2c-8f0e-5d0f2b7d6e11")
+NAMESPACE: Final = UUID(formats.NAMESPACE)
 
 _VERITY_BLOCK = 4096
 _DIGEST_SIZE = 32  # sha256
@@ -149,7 +148,7 @@ def ab_usr_layout(
     ]
     if usr_verity_sig is not None:
         _check_fits(usr_verity_sig, VERITY_SIG_SIZE, "usr verity signature")
-        sig_uuid = uuidlib.uuid5(NAMESPACE, f"{usr_uuid}/{verity_uuid}/verity-sig")
+        sig_uuid = UUID(formats.verity_sig_uuid(str(usr_uuid), str(verity_uuid)))
         parts.append(
             Partition(label, PartType.USR_VERITY_SIG, sig_uuid, VERITY_SIG_SIZE, usr_verity_sig)
         )

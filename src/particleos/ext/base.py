@@ -5,7 +5,6 @@ the whole base tree is recovered from one file: no cache, no spec, no rebuild ne
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from .. import runner
 from ..errors import ParticleError
+from ..formats import Manifest, build_manifests
 from ..tools import ToolsTree
 from .builder import BaseInfo
 
@@ -26,35 +26,30 @@ ROOT_DIRS = ("boot", "dev", "home", "media", "mnt", "opt", "proc", "root", "run"
 class BuiltBase:
     info: BaseInfo
     usr_image: Path
-    manifest: dict[str, object]
+    manifest: Manifest
 
 
 def find_base(build_dir: Path, version: str | None = None) -> BuiltBase:
     """The build in `build_dir` (its newest version, or `version`) from its manifest."""
-    manifests = sorted(build_dir.glob("*.manifest.json"))
-    found: list[tuple[str, Path, dict[str, object]]] = []
-    for path in manifests:
-        data = json.loads(path.read_text())
-        if version is None or str(data.get("version")) == version:
-            found.append((str(data.get("version")), path, data))
+    found = [(path, m) for path, m in build_manifests(build_dir)
+             if version is None or m.version == version]
     if not found:
         of = f" of version {version}" if version else ""
         raise ParticleError(
             f"{build_dir}: no build{of} here (no *.manifest.json); run `particle build` first"
         )
-    found.sort(key=lambda t: t[1].stat().st_mtime)
-    ver, path, data = found[-1]
-    image_id = str(data["id"])
-    usr = build_dir / f"{image_id}_{ver}.usr.raw"
+    found.sort(key=lambda t: t[0].stat().st_mtime)
+    _, manifest = found[-1]
+    usr = build_dir / f"{manifest.stem}.usr.raw"
     if not usr.is_file():
         raise ParticleError(f"{build_dir}: {usr.name} is missing: the base /usr is needed")
-    filesystem = str(data.get("usr_filesystem", "erofs"))
+    filesystem = manifest.usr_filesystem
     info = BaseInfo(
-        image_id=image_id, version=ver, release=str(data["release"]),
-        kernel=str(data["kernel"]), architecture=str(data.get("architecture", "x86-64")),
+        image_id=manifest.id, version=manifest.version, release=manifest.release,
+        kernel=manifest.kernel, architecture=manifest.architecture,
         filesystem=filesystem, compression="lz4hc" if filesystem == "erofs" else "zstd",
     )
-    return BuiltBase(info=info, usr_image=usr, manifest=data)
+    return BuiltBase(info=info, usr_image=usr, manifest=manifest)
 
 
 def extract_usr(tools: ToolsTree, image: Path, filesystem: str, *dests: Path) -> None:

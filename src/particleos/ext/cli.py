@@ -11,9 +11,10 @@ from pathlib import Path
 
 import click
 
-from ..build.artifacts import publish
-from ..cache import cache_root, remove_tree, sha256_file
+from ..builder.artifacts import deliver
+from ..cache import cache_root, remove_tree
 from ..errors import ParticleError
+from ..formats import sha256_file
 from ..machine.sysext import NAME_RE, artifact_name
 from ..tools import ToolsTree
 from ..ui import ui
@@ -45,7 +46,7 @@ def build_for_base(
     info = built.info
     out_dir = (output or build_dir).resolve()
     work = cache_root() / "work" / f"ext-{info.image_id}_{info.version}-{uuid.uuid4().hex[:8]}"
-    tools = ToolsTree(str(built.manifest.get("mirror") or DEFAULT_MIRROR))
+    tools = ToolsTree(built.manifest.mirror or DEFAULT_MIRROR)
     work.mkdir(parents=True)
     try:
         tools.ensure()
@@ -63,7 +64,7 @@ def build_for_base(
                 base_usr=work / "base-usr", out=staging / fname, work=work, tools=tools,
                 signer=signer, scratch_root=True,
             )
-        publish(staging, out_dir, {fname: sha256_file(result.path)}, extra=[])
+        deliver(staging, out_dir, {fname: sha256_file(result.path)}, extra=[])
         result.path = out_dir / fname
     finally:
         remove_tree(work)

@@ -13,8 +13,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from uuid import UUID
 
-from .. import disk
+from .. import disk, formats
 from ..disk import ATTR_READ_ONLY, Partition, PartType, align_up
 from ..tools import ToolsTree
 from ..verity import format_verity, verity_uuids
@@ -95,7 +96,7 @@ def pack(
             sig_img.write_bytes(sig)
             parts.append(Partition(
                 part_label, PartType.USR_VERITY_SIG,
-                uuid.uuid5(disk.layout.NAMESPACE, f"{usr_uuid}/{verity_uuid}/verity-sig"),
+                UUID(formats.verity_sig_uuid(str(usr_uuid), str(verity_uuid))),
                 align_up(len(sig), disk.SECTOR_SIZE), sig_img, attrs=(ATTR_READ_ONLY,),
             ))
         parts += [

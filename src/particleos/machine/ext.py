@@ -17,6 +17,7 @@ import json
 import os
 from pathlib import Path
 
+from ..formats import SHA256SUMS, parse_sha256sums, sha256_file
 from . import overlay
 from .sysext import (
     EXTENSIONS_DIR,
@@ -39,10 +40,8 @@ from .sysext import (
     parse_artifact_name,
     parse_release,
     read_image,
-    read_sha256sums,
     remove_tree,
     run,
-    sha256_file,
     transfer_path,
 )
 
@@ -126,14 +125,14 @@ def obtain(target: str, staging: Path, source: str | None, host: dict[str, str],
     image = staging / name
     want = None
     if not no_verify:
-        index = staging / "SHA256SUMS"
+        index = staging / SHA256SUMS
         try:
-            _fetch(_join(src_dir, "SHA256SUMS"), index, verbose)
+            _fetch(_join(src_dir, SHA256SUMS), index, verbose)
         except ExtensionError:
             raise ExtensionError(
                 f"no SHA256SUMS next to {src_image}: cannot verify it (pass --no-verify to "
                 "install it anyway)") from None
-        want = read_sha256sums(index.read_text()).get(name)
+        want = parse_sha256sums(index.read_text()).get(name)
         if want is None:
             raise ExtensionError(f"{name} is not listed in the SHA256SUMS next to {src_image}")
     have = _fetch(src_image, image, verbose)

@@ -17,8 +17,9 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import Final
 
+from .. import formats
 from .cli import MachineError
 
 EXTENSIONS_DIR: Final = Path("/var/lib/extensions")  # what systemd-sysext merges
@@ -34,10 +35,7 @@ TRANSFER_PREFIX: Final = "05-particle-ext-"
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9-]+$")
 ARCHITECTURES: Final = {"x86_64": "x86-64", "aarch64": "arm64"}
 
-_USR_VERITY: Final = "77ff5f63-e7b6-4633-acf4-1565b864c0e6"
-_USR: Final = "8484680c-9521-48c6-9c11-b0720656f69e"
-_USR_VERITY_SIG: Final = "e7bb33fb-06cf-4e81-8273-e543b413e2e2"
-_SECTOR: Final = 512
+_SECTOR: Final = formats.SECTOR_SIZE
 
 
 class ExtensionError(MachineError):
@@ -155,16 +153,6 @@ def hash_sidecar(image: Path) -> Path:
     return image.with_name(image.name.removesuffix(".raw") + ".usrhash")
 
 
-def read_sha256sums(text: str) -> dict[str, str]:
-    """SHA256SUMS (sha256sum format, text or binary mode) -> file name -> digest."""
-    sums: dict[str, str] = {}
-    for line in text.splitlines():
-        m = re.match(r"^([0-9a-fA-F]{64}) [ *](.+)$", line)
-        if m:
-            sums[m.group(2)] = m.group(1).lower()
-    return sums
-
-
 def copy_file(src: Path, dst: Path) -> str:
     """shutil.copyfile for python3-minimal (which has no shutil); returns the sha256 of what
     was copied, computed on the way (one pass over a large image, not two)."""
@@ -192,14 +180,6 @@ def remove_tree(path: Path) -> None:
     os.rmdir(path)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------- the image
 
 
@@ -220,16 +200,19 @@ def read_image(path: Path) -> ImageInfo:
     The root hash is the salted hash of the top hash block, which the hash partition stores
     right after its superblock. Deriving it needs no trust beyond the image file itself, which
     the caller has checked against SHA256SUMS (or a signature partition covers)."""
+    try:
+        parts = formats.read_gpt(path)
+    except formats.GptError as err:
+        raise ExtensionError(f"{path}: {err} (not an extension image)") from None
+    verity = [p for p in parts if p.type == formats.USR_VERITY]
+    usr = [p for p in parts if p.type == formats.USR]
+    if len(verity) != 1 or len(usr) != 1:
+        raise ExtensionError(
+            f"{path}: not a system extension image (expected one usr and one usr-verity "
+            "partition)"
+        )
     with path.open("rb") as f:
-        parts = _gpt_partitions(f, path)
-        verity = [p for p in parts if p[0] == _USR_VERITY]
-        usr = [p for p in parts if p[0] == _USR]
-        if len(verity) != 1 or len(usr) != 1:
-            raise ExtensionError(
-                f"{path}: not a system extension image (expected one usr and one usr-verity "
-                "partition)"
-            )
-        _, verity_uuid, start = verity[0]
+        verity_uuid, start = verity[0].uuid, verity[0].start()
         f.seek(start)
         sb = f.read(_SECTOR)
         if sb[:8] != b"verity\0\0":
@@ -244,48 +227,15 @@ def read_image(path: Path) -> ImageInfo:
         f.seek(start + hash_block)  # the superblock is padded to one whole hash block
         top = f.read(hash_block)
     root = hashlib.sha256(salt + top).digest()
-    usr_uuid = usr[0][1]
-    if usr_uuid != _guid_text(root[:16]) or verity_uuid != _guid_text(root[-16:]):
+    usr_uuid = usr[0].uuid
+    if (usr_uuid, verity_uuid) != formats.verity_partition_uuids(root):
         raise ExtensionError(
             f"{path}: partition UUIDs do not match the verity root hash (corrupt image?)"
         )
     return ImageInfo(
         root_hash=root.hex(), usr_uuid=usr_uuid, verity_uuid=verity_uuid,
-        signed=any(p[0] == _USR_VERITY_SIG for p in parts),
+        signed=any(p.type == formats.USR_VERITY_SIG for p in parts),
     )
-
-
-def _guid_text(raw: bytes) -> str:
-    """GUID text of 16 bytes in text order (as uuid.UUID(bytes=...) prints them)."""
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-def _guid_from_disk(raw: bytes) -> str:
-    """GUID text of a GPT field, which stores the first three groups little-endian."""
-    return _guid_text(raw[3::-1] + raw[5:3:-1] + raw[7:5:-1] + raw[8:16])
-
-
-def _gpt_partitions(f: BinaryIO, path: Path) -> list[tuple[str, str, int]]:
-    """(type, unique id, byte offset) of each partition of a GPT image with 512-byte sectors."""
-    f.seek(_SECTOR)
-    header = f.read(92)
-    if header[:8] != b"EFI PART":
-        raise ExtensionError(f"{path}: no GPT partition table (not an extension image)")
-    entries_lba, count, size = struct.unpack_from("<QII", header, 72)
-    if not 128 <= size <= 4096 or count > 1024:
-        raise ExtensionError(f"{path}: implausible GPT header")
-    f.seek(entries_lba * _SECTOR)
-    table = f.read(count * size)
-    parts = []
-    for i in range(count):
-        entry = table[i * size : (i + 1) * size]
-        if not any(entry[:16]):
-            continue
-        (first_lba,) = struct.unpack_from("<Q", entry, 32)
-        parts.append((_guid_from_disk(entry[:16]), _guid_from_disk(entry[16:32]),
-                      first_lba * _SECTOR))
-    return parts
 
 
 # ---------------------------------------------------------------------------- updates

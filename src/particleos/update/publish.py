@@ -12,22 +12,27 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from uuid import UUID, uuid5
 
-from ..cache import atomic_file, fsync_path, sha256_file
-from ..disk.layout import NAMESPACE
+from ..cache import atomic_file, fsync_path
 from ..errors import ParticleError
+from ..formats import (
+    SHA256SUMS,
+    build_manifests,
+    format_sha256sums,
+    read_sha256sums,
+    sha256_file,
+    verity_partition_uuids,
+    verity_sig_uuid,
+)
 from ..machine.versions import version_key
-from ..verity import verity_uuids
 from .transfer import UKI, USR, VERITY, VERITY_SIG, Part, served_name
 
-INDEX = "SHA256SUMS"
+INDEX = SHA256SUMS
 SIGNATURE = "SHA256SUMS.gpg"
 LOCK = ".particle-publish.lock"
 
@@ -53,63 +58,40 @@ class BuiltVersion:
     files: dict[str, Path]  # served name -> build output
 
 
-def read_index(path: Path) -> dict[str, str]:
-    """SHA256SUMS as file name -> hex digest (the `sha256sum` format, text or binary mode)."""
-    entries: dict[str, str] = {}
-    if not path.exists():
-        return entries
-    for line in path.read_text().splitlines():
-        m = re.match(r"^([0-9a-fA-F]{64}) [ *](.+)$", line)
-        if m:
-            entries[m.group(2)] = m.group(1).lower()
-    return entries
-
-
-def format_index(entries: dict[str, str]) -> str:
-    return "".join(f"{digest}  {name}\n" for name, digest in sorted(entries.items()))
-
-
 def find_version(build_dir: Path, version: str | None = None) -> BuiltVersion:
     """The version to publish from a build output directory: `version`, or the newest one."""
-    manifests = sorted(build_dir.glob("*.manifest.json"))
-    if not manifests:
+    found = {m.version: (path, m) for path, m in build_manifests(build_dir)}
+    if not found:
         raise ParticleError(f"{build_dir}: no *.manifest.json; run `particle build` first")
-    found = {}
-    for m in manifests:
-        data = json.loads(m.read_text())
-        found[str(data["version"])] = (m, data)
     if version is None:
         version = sorted(found, key=version_key)[-1]
     elif version not in found:
         raise ParticleError(
             f"{build_dir}: no build of version {version} (built: {', '.join(sorted(found))})"
         )
-    manifest, data = found[version]
-    image_id, root_hash = str(data["id"]), bytes.fromhex(data["root_hash"])
-    stem = manifest.name.removesuffix(".manifest.json")
-    usr_uuid, verity_uuid = verity_uuids(root_hash)
+    path, manifest = found[version]
+    usr_uuid, verity_uuid = verity_partition_uuids(manifest.root_hash)
     files: dict[str, Path] = {}
-    wanted: list[tuple[Part, UUID | None]] = [
+    wanted: list[tuple[Part, str | None]] = [
         (VERITY, verity_uuid), (USR, usr_uuid), (UKI, None)
     ]
-    sig = build_dir / f"{stem}{VERITY_SIG.suffix}"
+    sig = build_dir / f"{manifest.stem}{VERITY_SIG.suffix}"
     if sig.exists():
-        # The signature partition has no UUID of its own in usrhash=; derive a stable one.
-        wanted.insert(0, (VERITY_SIG, uuid5(NAMESPACE, f"{usr_uuid}/{verity_uuid}/verity-sig")))
+        wanted.insert(0, (VERITY_SIG, verity_sig_uuid(usr_uuid, verity_uuid)))
     for part, uuid in wanted:
-        src = build_dir / f"{stem}{part.suffix}"
+        src = build_dir / f"{manifest.stem}{part.suffix}"
         if not src.is_file():
             raise ParticleError(f"{build_dir}: {src.name} is missing; rebuild version {version}")
-        files[served_name(image_id, version, part, uuid)] = src
-    files[manifest.name] = manifest
+        files[served_name(manifest.id, version, part, uuid)] = src
+    files[path.name] = path
     # System extensions built for this version travel with it: machines that installed one
     # fetch the matching version under its own name (see ext/transfer.py).
-    for ext in dict(data.get("extensions") or {}).values():
+    for ext in manifest.extensions.values():
         src = build_dir / str(ext["file"])
         if not src.is_file():
             raise ParticleError(f"{build_dir}: extension {src.name} is missing; rebuild it")
         files[src.name] = src
-    return BuiltVersion(image_id, version, files)
+    return BuiltVersion(manifest.id, version, files)
 
 
 def version_of(name: str, image_id: str) -> str | None:
@@ -136,11 +118,11 @@ def publish(
     if keep is not None and keep < 1:
         raise ParticleError(f"--keep {keep}: keep at least 1 version")
     built = find_version(build_dir, version)
-    sums = read_index(build_dir / INDEX)
+    sums = read_sha256sums(build_dir / INDEX)
     update_dir.mkdir(parents=True, exist_ok=True)
     result = PublishResult(built.image_id, built.version)
     with _locked(update_dir):
-        index = read_index(update_dir / INDEX)
+        index = read_sha256sums(update_dir / INDEX)
         # Entries whose file is gone are dropped rather than served.
         index = {n: d for n, d in index.items() if (update_dir / n).is_file()}
         for name, src in built.files.items():
@@ -176,7 +158,7 @@ def write_index(update_dir: Path, entries: dict[str, str], sign: Signer | None) 
     """Replace SHA256SUMS atomically; with `sign`, its signature goes into place just before."""
     with atomic_file(update_dir / INDEX) as tmp:
         with tmp.open("w") as f:
-            f.write(format_index(entries))
+            f.write(format_sha256sums(entries))
         if sign is not None:
             sig_tmp = tmp.with_name(tmp.name + ".gpg")
             try:

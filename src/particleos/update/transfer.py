@@ -50,7 +50,9 @@ def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
-def served_name(image_id: str, version: str, part: Part, uuid: UUID | None = None) -> str:
+def served_name(
+    image_id: str, version: str, part: Part, uuid: str | UUID | None = None
+) -> str:
     """File name in an update directory. Partition images carry the partition UUID their
     slot must get (`ID_VERSION_UUID.usr.raw`); the UKI keeps its build name (`ID_VERSION.efi`)."""
     if part.partition_type is None:

@@ -47,8 +47,6 @@ def extensions(ctx: BuildContext) -> None:
     """Build every `[extensions.NAME]` into the staging directory; artifacts() publishes them
     with the rest and lists them in SHA256SUMS and the manifest."""
     assert ctx.tree is not None
-    # What `particle ext build --base` needs beyond the manifest's other keys.
-    ctx.manifest_extra["mirror"] = ctx.spec.system.mirror
     if not ctx.spec.extensions:
         return
     img = ctx.spec.image
@@ -57,7 +55,6 @@ def extensions(ctx: BuildContext) -> None:
         kernel=ctx.kernel_version, architecture=ctx.spec.system.architecture,
         filesystem=img.filesystem, compression=img.compression,
     )
-    info: dict[str, object] = {}
     for name, ext in ctx.spec.extensions.items():
         fname = artifact_name(ctx.image_id, name, ctx.version)
         # Plain lines, not nested ui.step()s: the pipeline times each stage by its first step.
@@ -71,8 +68,7 @@ def extensions(ctx: BuildContext) -> None:
                 f"{len(result.packages)} packages, {result.seconds:.0f} s")
         ctx.extra_artifacts[fname] = result.path
         ctx.sizes[f"extension-{name}"] = result.image_bytes
-        info[name] = result.to_json()
-    ctx.manifest_extra["extensions"] = info
+        ctx.extensions_info[name] = result.to_json()
 
 
 def signer(ctx: BuildContext) -> VeritySigner | None:

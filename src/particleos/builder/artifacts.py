@@ -4,13 +4,13 @@ index last, so a reader never sees an index that names a missing or half-written
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 from .. import runner
-from ..cache import fsync_path, sha256_file, write_atomic
+from ..cache import fsync_path, write_atomic
+from ..formats import SHA256SUMS, Manifest, format_sha256sums, read_sha256sums, sha256_file
 from ..spec.summary import spec_digest
 from .context import BuildContext
 
@@ -36,44 +36,40 @@ def artifacts(ctx: BuildContext) -> None:
     for name, src in split.items():
         shutil.copyfile(src, staging / name)
     files = {ctx.disk.name: ctx.disk, **{n: staging / n for n in split}, **ctx.extra_artifacts}
-    manifest = {
-        "id": ctx.image_id,
-        "version": ctx.version,
-        "release": ctx.spec.system.release,
-        "architecture": ctx.spec.system.architecture,
-        "kernel": ctx.kernel_version,
-        "usr_filesystem": ctx.spec.image.filesystem,
-        "root_hash": ctx.root_hash.hex(),
-        "spec_digest": spec_digest(ctx.spec),
-        "tree_key": ctx.tree_key,
-        "sizes": {name: path.stat().st_size for name, path in files.items()},
-        "packages": installed_packages(ctx.tree),
-        **ctx.manifest_extra,
-    }
-    manifest_name = f"{ctx.name}.manifest.json"
-    write_atomic(staging / manifest_name, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    manifest = Manifest(
+        id=ctx.image_id,
+        version=ctx.version,
+        release=ctx.spec.system.release,
+        architecture=ctx.spec.system.architecture,
+        kernel=ctx.kernel_version,
+        usr_filesystem=ctx.spec.image.filesystem,
+        root_hash=ctx.root_hash.hex(),
+        spec_digest=spec_digest(ctx.spec),
+        tree_key=ctx.tree_key,
+        mirror=ctx.spec.system.mirror,
+        sizes={name: path.stat().st_size for name, path in files.items()},
+        packages=installed_packages(ctx.tree),
+        extensions=ctx.extensions_info,
+    )
+    manifest_name = manifest.name
+    write_atomic(staging / manifest_name, manifest.to_json())
     files[manifest_name] = staging / manifest_name
     ctx.artifacts = {}
     # The sparse disk image is left out of the index: hashing gigabytes of zeros costs more
     # than the rest of a warm build, and updates never download it.
     sums = {name: sha256_file(path) for name, path in files.items() if path != ctx.disk}
-    publish(staging, ctx.output_dir, sums, extra=[ctx.disk.name])
+    deliver(staging, ctx.output_dir, sums, extra=[ctx.disk.name])
     ctx.artifacts = {name: ctx.output_dir / name for name in files}
 
 
-def publish(staging: Path, output_dir: Path, sums: dict[str, str], extra: list[str]) -> None:
-    """Rename staged files (indexed ones and `extra`) into place, then rewrite SHA256SUMS
-    atomically; other versions kept in the directory stay listed."""
+def deliver(staging: Path, output_dir: Path, sums: dict[str, str], extra: list[str]) -> None:
+    """Rename staged files (indexed ones and `extra`) into the output directory, then rewrite
+    its SHA256SUMS atomically; other versions kept in the directory stay listed."""
     output_dir.mkdir(parents=True, exist_ok=True)
     for name in [*extra, *sums]:
         os.replace(staging / name, output_dir / name)
     fsync_path(output_dir)
-    index = output_dir / "SHA256SUMS"
-    entries: dict[str, str] = {}
-    if index.exists():
-        for line in index.read_text().splitlines():
-            digest, _, fname = line.partition("  ")
-            if fname and (output_dir / fname).exists():
-                entries[fname] = digest
+    index = output_dir / SHA256SUMS
+    entries = {n: d for n, d in read_sha256sums(index).items() if (output_dir / n).exists()}
     entries.update(sums)
-    write_atomic(index, "".join(f"{d}  {n}\n" for n, d in sorted(entries.items())))
+    write_atomic(index, format_sha256sums(entries))

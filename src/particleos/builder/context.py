@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..spec import Spec
 from ..tools import ToolsTree
@@ -35,7 +36,7 @@ class BuildContext:
     artifacts: dict[str, Path] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
     extra_artifacts: dict[str, Path] = field(default_factory=dict)  # staged, e.g. extensions
-    manifest_extra: dict[str, object] = field(default_factory=dict)  # more manifest keys
+    extensions_info: dict[str, dict[str, Any]] = field(default_factory=dict)  # manifest
 
     @property
     def image_id(self) -> str:

@@ -1,5 +1,6 @@
 """Install the machine-side `particle` command into the image: the stdlib-only
-`particleos.machine` package under /usr/lib/particleos and a /usr/bin/particle launcher."""
+`particleos.machine` package and `particleos.formats` under /usr/lib/particleos and a
+/usr/bin/particle launcher."""
 
 from __future__ import annotations
 
@@ -26,10 +27,12 @@ def install_machine_tools(ctx: BuildContext) -> None:
         shutil.rmtree(dest)
     (dest / "machine").mkdir(parents=True)
     (dest / "__init__.py").write_text('"""ParticleOS (machine side only)."""\n')
-    src = resources.files("particleos") / "machine"
-    for entry in src.iterdir():
+    package = resources.files("particleos")
+    for entry in (package / "machine").iterdir():
         if entry.name.endswith(".py"):
             (dest / "machine" / entry.name).write_bytes(entry.read_bytes())
+    # The on-disk formats the machine side shares with the builder.
+    (dest / "formats.py").write_bytes((package / "formats.py").read_bytes())
     launcher = ctx.tree / "usr/bin/particle"
     launcher.write_text(LAUNCHER)
     launcher.chmod(0o755)

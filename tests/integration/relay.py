@@ -1,7 +1,7 @@
-"""`python -m particleos.relay PORT`: copy stdin/stdout to and from 127.0.0.1:PORT.
+"""`python relay.py PORT`: copy stdin/stdout to and from 127.0.0.1:PORT (a test helper).
 
 QEMU user networking runs this once per guest connection for a rule such as
-`guestfwd=tcp:10.0.2.100:80-cmd:python -m particleos.relay 8080`: with `restrict=on` the guest
+`guestfwd=tcp:10.0.2.100:80-cmd:python relay.py 8080`: with `restrict=on` the guest
 reaches nothing but this relay, and the relay reaches nothing but the host's loopback. A plain
 `tcp:` guestfwd target would serve only the first connection of the whole QEMU run."""
 
@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 import threading
+from pathlib import Path
 
 CHUNK = 1 << 16
 GUEST_ADDR = "10.0.2.100"  # where the guest finds the host's server
@@ -48,7 +49,7 @@ def relay(port: int, infd: int = 0, outfd: int = 1) -> None:
 def user_nic(port: int, guest_addr: str = GUEST_ADDR, guest_port: int = 80) -> str:
     """A `-nic` value: restricted user networking whose only way out is this relay to
     127.0.0.1:PORT, reached from the guest as http://GUEST_ADDR:GUEST_PORT/."""
-    cmd = f"{sys.executable} -m particleos.relay {port}"
+    cmd = f"{sys.executable} {Path(__file__).resolve()} {port}"
     if "," in cmd:
         cmd = cmd.replace(",", ",,")  # QEMU option syntax: a literal comma is doubled
     return (f"user,model=virtio-net-pci,restrict=on,"
@@ -58,7 +59,7 @@ def user_nic(port: int, guest_addr: str = GUEST_ADDR, guest_port: int = 80) -> s
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not args[0].isdigit():
-        print("usage: python -m particleos.relay PORT", file=sys.stderr)
+        print("usage: python relay.py PORT", file=sys.stderr)
         return 2
     try:
         relay(int(args[0]))

@@ -1,0 +1,251 @@
+"""Every on-disk format that more than one side reads or writes, defined once: the partition
+type GUIDs and the GPT reader, the partition UUID rules of a verity slot, SHA256SUMS, and the
+build manifest. The builder, `particle publish`, the extension builder and the machine-side
+`particle` all import this module, so a file written by one side is read by the same code on
+the other (a mismatch between copies would break updates in the field).
+
+Standard library only, and only what trixie's python3-minimal ships (no uuid, shutil,
+tempfile): the build copies this file into every image next to `particleos.machine`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+# --- Discoverable Partitions Specification (x86-64) -------------------------------------------
+
+ESP: Final = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
+XBOOTLDR: Final = "bc13c2ff-59e6-4262-a352-b275fd6f7172"
+USR: Final = "8484680c-9521-48c6-9c11-b0720656f69e"
+USR_VERITY: Final = "77ff5f63-e7b6-4633-acf4-1565b864c0e6"
+USR_VERITY_SIG: Final = "e7bb33fb-06cf-4e81-8273-e543b413e2e2"
+ROOT: Final = "4f68bce3-e8cd-4db1-96e7-fbcaf984b709"
+ROOT_VERITY: Final = "2c7357ed-ebd2-46d9-aec1-23d437ec2bf5"
+ROOT_VERITY_SIG: Final = "41092b05-9fc8-4523-994f-2def0408b176"
+HOME: Final = "933ac7e1-2eb4-4f13-b844-0e14e2aef915"
+SWAP: Final = "0657fd6d-a4ab-43c4-84e5-0933c84b4f4f"
+VAR: Final = "4d21b016-b534-45c2-a9fb-5c16e091fd2d"
+
+# GPT attribute bits with a DPS meaning (bits 48-63 are type-specific in UEFI).
+ATTR_NO_AUTO: Final = 63
+ATTR_READ_ONLY: Final = 60
+ATTR_GROW_FS: Final = 59
+
+EMPTY_LABEL: Final = "_empty"  # a free A/B slot, as systemd-sysupdate looks for it
+SECTOR_SIZE: Final = 512
+# Namespace of the UUIDs we derive: the same inputs give the same UUIDs (reproducible disks).
+NAMESPACE: Final = "9c1c0a4e-3a55-4a2c-8f0e-5d0f2b7d6e11"
+
+
+class GptError(ValueError):
+    """The disk or image has no readable GPT."""
+
+
+@dataclass(frozen=True)
+class GptPartition:
+    number: int  # 1-based, as in /dev/vdaN
+    type: str  # lower-case GUID text
+    uuid: str
+    label: str
+    first_lba: int
+    last_lba: int
+    attrs: int
+
+    def start(self, sector_size: int = SECTOR_SIZE) -> int:
+        return self.first_lba * sector_size
+
+    def size(self, sector_size: int = SECTOR_SIZE) -> int:
+        return (self.last_lba - self.first_lba + 1) * sector_size
+
+
+def guid_text(raw: bytes) -> str:
+    """16 bytes in text order (as the root hash halves are used) as GUID text."""
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
+def guid_from_gpt(raw: bytes) -> str:
+    """A GUID as GPT stores it (first three fields little-endian) as GUID text."""
+    a, b, c = struct.unpack_from("<IHH", raw)
+    return f"{a:08x}-{b:04x}-{c:04x}-{raw[8:10].hex()}-{raw[10:16].hex()}"
+
+
+def parse_gpt(read: Callable[[int, int], bytes], sector_size: int = SECTOR_SIZE) \
+        -> list[GptPartition]:
+    """The partitions of a GPT read through `read(offset, size) -> bytes` (a callable, so the
+    same code reads an image file on the host and a block device on the machine)."""
+    header = read(sector_size, 92)
+    if header[:8] != b"EFI PART":
+        raise GptError("no GPT signature at LBA 1")
+    entries_lba, count, entry_size = struct.unpack_from("<QII", header, 72)
+    if not 128 <= entry_size <= 4096 or count > 1024:
+        raise GptError(f"implausible GPT header (entries: {count} x {entry_size} bytes)")
+    table = read(entries_lba * sector_size, count * entry_size)
+    parts = []
+    for i in range(count):
+        raw = table[i * entry_size : (i + 1) * entry_size]
+        if not any(raw[:16]):
+            continue
+        first, last, attrs = struct.unpack_from("<QQQ", raw, 32)
+        name = bytes(raw[56:128]).decode("utf-16-le", errors="replace").split("\0", 1)[0]
+        parts.append(GptPartition(i + 1, guid_from_gpt(raw[:16]), guid_from_gpt(raw[16:32]),
+                                  name, first, last, attrs))
+    return parts
+
+
+def read_gpt(path: str | Path, sector_size: int = SECTOR_SIZE) -> list[GptPartition]:
+    """The GPT of an image file or a block device node."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return parse_gpt(lambda off, size: os.pread(fd, size, off), sector_size)
+    finally:
+        os.close(fd)
+
+
+# --- partition UUIDs of a verity slot --------------------------------------------------------
+
+
+def verity_partition_uuids(root_hash: bytes | str) -> tuple[str, str]:
+    """(data, hash) partition UUIDs of a verity pair: the first and last 128 bits of the root
+    hash, bytes in order, no version bits forced; what systemd-repart assigns and the
+    veritysetup generator looks up from usrhash=."""
+    raw = bytes.fromhex(root_hash) if isinstance(root_hash, str) else root_hash
+    if len(raw) < 16:
+        raise ValueError(f"root hash is {len(raw)} bytes; at least 16 are needed")
+    return guid_text(raw[:16]), guid_text(raw[-16:])
+
+
+def uuid5(namespace: str, name: str) -> str:
+    """RFC 4122 name-based (SHA-1) UUID text, as uuid.uuid5 makes it (python3-minimal has no
+    uuid module)."""
+    digest = bytearray(hashlib.sha1(bytes.fromhex(namespace.replace("-", ""))
+                                    + name.encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    return guid_text(bytes(digest))
+
+
+def verity_sig_uuid(usr_uuid: str, verity_uuid: str) -> str:
+    """The usr-verity-sig partition has no UUID of its own in usrhash=: derived from the pair."""
+    return uuid5(NAMESPACE, f"{usr_uuid}/{verity_uuid}/verity-sig")
+
+
+# --- SHA256SUMS -------------------------------------------------------------------------------
+
+SHA256SUMS: Final = "SHA256SUMS"
+_SUMS_LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
+
+
+def parse_sha256sums(text: str) -> dict[str, str]:
+    """sha256sum(1) output (text or binary mode) -> file name -> lower-case hex digest."""
+    sums: dict[str, str] = {}
+    for line in text.splitlines():
+        m = _SUMS_LINE.match(line)
+        if m:
+            sums[m.group(2)] = m.group(1).lower()
+    return sums
+
+
+def read_sha256sums(path: Path) -> dict[str, str]:
+    """SHA256SUMS from a file; a missing file is an empty index."""
+    try:
+        return parse_sha256sums(path.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def format_sha256sums(entries: dict[str, str]) -> str:
+    """The index text, sorted by name (so the same entries give the same bytes)."""
+    return "".join(f"{digest}  {name}\n" for name, digest in sorted(entries.items()))
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (images are too large to read whole)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --- the build manifest -----------------------------------------------------------------------
+
+MANIFEST_SUFFIX: Final = ".manifest.json"
+
+
+def artifact_stem(image_id: str, version: str) -> str:
+    """`<id>_<version>`: the stem of every build artifact and the label of a usr slot."""
+    return f"{image_id}_{version}"
+
+
+@dataclass
+class Manifest:
+    """`<id>_<version>.manifest.json`: what one build contains. Written by the builder; read
+    by publish, `particle ext build --base`, `particle diff` and machines."""
+
+    id: str
+    version: str
+    release: str
+    architecture: str
+    kernel: str
+    usr_filesystem: str
+    root_hash: str
+    spec_digest: str = ""
+    tree_key: str = ""
+    mirror: str = ""
+    sizes: dict[str, int] = field(default_factory=dict)
+    packages: dict[str, str] = field(default_factory=dict)
+    extensions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # keys of newer writers, kept as read
+
+    @property
+    def name(self) -> str:
+        return artifact_stem(self.id, self.version) + MANIFEST_SUFFIX
+
+    @property
+    def stem(self) -> str:
+        return artifact_stem(self.id, self.version)
+
+    def to_json(self) -> str:
+        data = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        return json.dumps({**self.extra, **data}, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("a manifest is a JSON object")
+        known = {k for k in cls.__dataclass_fields__ if k != "extra"}
+        missing = [k for k in ("id", "version", "root_hash") if k not in data]
+        if missing:
+            raise ValueError(f"missing key(s): {', '.join(missing)}")
+        args = {k: data[k] for k in known if k in data}
+        args["version"] = str(args["version"])
+        args.setdefault("release", "")
+        args.setdefault("architecture", "x86-64")
+        args.setdefault("kernel", "")
+        args.setdefault("usr_filesystem", "erofs")
+        return cls(**args, extra={k: v for k, v in data.items() if k not in known})
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        return cls.from_json(path.read_text())
+
+
+def build_manifests(build_dir: Path) -> list[tuple[Path, Manifest]]:
+    """Every manifest in a build output directory, with its path (unreadable ones skipped)."""
+    found = []
+    for path in sorted(build_dir.glob("*" + MANIFEST_SUFFIX)):
+        try:
+            found.append((path, Manifest.read(path)))
+        except (OSError, ValueError):
+            continue
+    return found
