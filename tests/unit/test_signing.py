@@ -187,11 +187,14 @@ def test_trust_stages_put_only_public_material_into_the_image(
     trust.sign_verity(ctx)
     assert ctx.verity_sig is not None
     assert json.loads(ctx.verity_sig.read_bytes().rstrip(b"\0"))["rootHash"] == ROOT_HASH
-    assert ctx.extra_cmdline[0] == "dm_verity.require_signatures=1"
+    assert ctx.usr_signature_cmdline is not None
+    assert ctx.usr_signature_cmdline[0] == "dm_verity.require_signatures=1"
     ctx.uki = ctx.work_dir / "uki.efi"
     ctx.uki.write_bytes(b"MZ uki")
     trust.sign_uki(ctx)
-    assert ctx.uki.name == "uki.signed.efi" and ctx.uki.read_bytes().endswith(b"[signed]")
+    assert ctx.boot_uki is not None and ctx.boot_uki.name == "uki.signed.efi"
+    assert ctx.boot_uki.read_bytes().endswith(b"[signed]")
+    assert ctx.uki.read_bytes() == b"MZ uki"  # the unsigned UKI is left as it was
 
 
 @needs_gpg
@@ -219,9 +222,10 @@ def test_unsigned_build_is_unchanged(tmp_path: Path, fake_sbsign: list[Path]) ->
     trust.sign_verity(ctx)
     ctx.uki = ctx.work_dir / "uki.efi"
     trust.sign_uki(ctx)
-    assert ctx.verity_sig is None and ctx.extra_cmdline == [] and ctx.bootloader is None
-    assert ctx.uki.name == "uki.efi" and not fake_sbsign
     assert ctx.tree is not None
+    assert ctx.verity_sig is None and ctx.usr_signature_cmdline == []
+    assert ctx.bootloader == ctx.tree / trust.SDBOOT  # the tree's own, unsigned
+    assert ctx.boot_uki == ctx.uki and not fake_sbsign
     assert (ctx.tree / trust.IMPORT_PUBRING).read_bytes() == b"vendor keys"
     assert not (ctx.tree / "usr/lib/verity.d").exists()
 

@@ -24,15 +24,17 @@ def installed_packages(tree: Path) -> dict[str, str]:
 
 
 def artifacts(ctx: BuildContext) -> None:
-    assert ctx.tree and ctx.usr_image and ctx.verity_image and ctx.uki and ctx.disk
+    assert ctx.tree and ctx.usr_image and ctx.verity_image and ctx.boot_uki and ctx.disk
+    assert ctx.extra_artifacts is not None and ctx.extensions_info is not None
     staging = ctx.staging
     split = {
         f"{ctx.name}.usr.raw": ctx.usr_image,
         f"{ctx.name}.usr-verity.raw": ctx.verity_image,
-        f"{ctx.name}.efi": ctx.uki,
+        f"{ctx.name}.efi": ctx.boot_uki,
     }
     if ctx.verity_sig is not None:
         split[f"{ctx.name}.usr-verity-sig.raw"] = ctx.verity_sig
+    ctx.sizes = part_sizes(ctx)
     for name, src in split.items():
         shutil.copyfile(src, staging / name)
     files = {ctx.disk.name: ctx.disk, **{n: staging / n for n in split}, **ctx.extra_artifacts}
@@ -54,12 +56,25 @@ def artifacts(ctx: BuildContext) -> None:
     manifest_name = manifest.name
     write_atomic(staging / manifest_name, manifest.to_json())
     files[manifest_name] = staging / manifest_name
-    ctx.artifacts = {}
     # The sparse disk image is left out of the index: hashing gigabytes of zeros costs more
     # than the rest of a warm build, and updates never download it.
     sums = {name: sha256_file(path) for name, path in files.items() if path != ctx.disk}
     deliver(staging, ctx.output_dir, sums, extra=[ctx.disk.name])
     ctx.artifacts = {name: ctx.output_dir / name for name in files}
+
+
+def part_sizes(ctx: BuildContext) -> dict[str, int]:
+    """Bytes of each part of the build, for `particle build --json` (the disk apparent size)."""
+    assert ctx.usr_image and ctx.verity_image and ctx.boot_uki and ctx.disk
+    assert ctx.extensions_info is not None
+    parts = {"usr": ctx.usr_image, "usr-verity": ctx.verity_image}
+    if ctx.verity_sig is not None:
+        parts["usr-verity-sig"] = ctx.verity_sig
+    parts |= {"uki": ctx.boot_uki, "disk": ctx.disk}
+    sizes = {name: path.stat().st_size for name, path in parts.items()}
+    for name, info in ctx.extensions_info.items():
+        sizes[f"extension-{name}"] = int(info["image_bytes"])
+    return sizes
 
 
 def deliver(staging: Path, output_dir: Path, sums: dict[str, str], extra: list[str]) -> None:

@@ -94,8 +94,8 @@ def bootstrap(ctx: BuildContext) -> None:
     key = tree_key(ctx)
     cached = cache_root() / "trees" / f"{ctx.spec.system.release}-{key}"
     ctx.tree_key = key
-    if (cached / "usr").is_dir():
-        ctx.cache_hit = True
+    ctx.cache_hit = (cached / "usr").is_dir()
+    if ctx.cache_hit:
         ui.info(f"  bootstrap: cache hit ({cached.name})")
     else:
         _make_tree(ctx, cached)

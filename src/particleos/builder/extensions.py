@@ -4,6 +4,9 @@ the spec becomes `<id>-<NAME>_<version>.raw`, built against this build's exact t
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from ..ext.builder import BaseInfo, build_extension
 from ..ext.image import VeritySigner
 from ..machine.sysext import STORE_DIR, artifact_name
@@ -47,6 +50,9 @@ def extensions(ctx: BuildContext) -> None:
     """Build every `[extensions.NAME]` into the staging directory; artifacts() publishes them
     with the rest and lists them in SHA256SUMS and the manifest."""
     assert ctx.tree is not None
+    staged: dict[str, Path] = {}
+    info: dict[str, dict[str, Any]] = {}
+    ctx.extra_artifacts, ctx.extensions_info = staged, info
     if not ctx.spec.extensions:
         return
     img = ctx.spec.image
@@ -57,7 +63,6 @@ def extensions(ctx: BuildContext) -> None:
     )
     for name, ext in ctx.spec.extensions.items():
         fname = artifact_name(ctx.image_id, name, ctx.version)
-        # Plain lines, not nested ui.step()s: the pipeline times each stage by its first step.
         ui.info(f"  extension {name}: {' '.join(ext.packages)}")
         result = build_extension(
             name=name, packages=list(ext.packages), base=base, base_root=ctx.tree,
@@ -66,9 +71,8 @@ def extensions(ctx: BuildContext) -> None:
         )
         ui.info(f"    {fname}: {result.image_bytes / 2**20:.1f} MiB, {result.files} entries, "
                 f"{len(result.packages)} packages, {result.seconds:.0f} s")
-        ctx.extra_artifacts[fname] = result.path
-        ctx.sizes[f"extension-{name}"] = result.image_bytes
-        ctx.extensions_info[name] = result.to_json()
+        staged[fname] = result.path
+        info[name] = result.to_json()
 
 
 def signer(ctx: BuildContext) -> VeritySigner | None:

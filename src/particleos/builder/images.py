@@ -4,7 +4,6 @@ the ESP, slot A filled, slot B empty and the root partition."""
 from __future__ import annotations
 
 import hashlib
-import os
 
 from .. import disk, uki
 from ..verity import format_verity, verity_uuids
@@ -15,37 +14,33 @@ from .hermetic import copy_boot_files
 def verity(ctx: BuildContext) -> None:
     assert ctx.usr_image is not None
     out = ctx.work_dir / "usr-verity.img"
-    size = ctx.usr_image.stat().st_size
-    if size % 4096:  # verity covers whole blocks only: pad so that no byte is unprotected
-        os.truncate(ctx.usr_image, size + 4096 - size % 4096)
     # Deterministic salt and superblock UUID: the same /usr gives the same root hash.
     salt = hashlib.sha256(f"particleos-salt:{ctx.name}".encode()).digest()
     result = format_verity(ctx.usr_image, out, salt=salt, uuid=ctx.stable_uuid("verity-sb"))
     ctx.verity_image = out
     ctx.root_hash = result.root_hash
-    ctx.sizes["usr-verity"] = out.stat().st_size
 
 
 def boot_files(ctx: BuildContext) -> None:
     """Keep kernel and initrd before hermetic() drops /boot from the tree."""
     boot = ctx.work_dir / "boot"
     boot.mkdir(exist_ok=True)
-    copy_boot_files(ctx, boot)
+    ctx.vmlinuz, ctx.initrd = copy_boot_files(ctx, boot)
 
 
 def build_uki(ctx: BuildContext) -> None:
-    assert ctx.tree is not None
-    boot = ctx.work_dir / "boot"
+    assert ctx.tree is not None and ctx.vmlinuz is not None and ctx.initrd is not None
+    assert ctx.usr_signature_cmdline is not None
     cmdline = uki.usr_cmdline(
         ctx.root_hash.hex(), ctx.spec.image.filesystem,
-        [*ctx.spec.kernel.cmdline, *ctx.extra_cmdline],
+        [*ctx.spec.kernel.cmdline, *ctx.usr_signature_cmdline],
     )
     out = ctx.work_dir / "uki.efi"
     uki.build_uki(
         ctx.tools,
         output=out,
-        linux=boot / "vmlinuz",
-        initrd=boot / "initrd",
+        linux=ctx.vmlinuz,
+        initrd=ctx.initrd,
         os_release=ctx.tree / "usr/lib/os-release",
         stub=ctx.tree / "usr/lib/systemd/boot/efi/linuxx64.efi.stub",
         cmdline=cmdline,
@@ -53,17 +48,16 @@ def build_uki(ctx: BuildContext) -> None:
         workdir=ctx.work_dir,
     )
     ctx.uki = out
-    ctx.sizes["uki"] = out.stat().st_size
 
 
 LOADER_CONF = "timeout 0\n"
 
 
 def disk_image(ctx: BuildContext) -> None:
-    assert ctx.tree is not None and ctx.uki is not None
+    assert ctx.bootloader is not None and ctx.boot_uki is not None
     assert ctx.usr_image is not None and ctx.verity_image is not None
     img = ctx.spec.image
-    sdboot = ctx.bootloader or ctx.tree / "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
+    sdboot = ctx.bootloader
     loader_conf = ctx.work_dir / "loader.conf"
     loader_conf.write_text(LOADER_CONF)
     esp = ctx.work_dir / "esp.img"
@@ -73,7 +67,7 @@ def disk_image(ctx: BuildContext) -> None:
         {
             "/EFI/BOOT/BOOTX64.EFI": sdboot,
             "/EFI/systemd/systemd-bootx64.efi": sdboot,
-            f"/EFI/Linux/{ctx.name}.efi": ctx.uki,
+            f"/EFI/Linux/{ctx.name}.efi": ctx.boot_uki,
             "/loader/loader.conf": loader_conf,
         },
     )
@@ -96,4 +90,3 @@ def disk_image(ctx: BuildContext) -> None:
     out = ctx.staging / f"{ctx.name}.raw"
     disk.write_disk(out, parts, disk_uuid=ctx.stable_uuid("disk"))
     ctx.disk = out
-    ctx.sizes["disk"] = out.stat().st_size

@@ -1,16 +1,23 @@
-"""The build pipeline, top to bottom. Each stage is a function over the BuildContext; work
-happens in a private work directory and outputs reach the output directory only at the end."""
+"""The build pipeline, top to bottom. Each stage is a function over the BuildContext that
+declares the context fields it needs and the ones it gives (osbuild's stages with declared
+inputs, mkosi's context of named paths): every result is given by exactly one stage and found
+through its field, never by a path convention. A unit test checks the chain, and build() checks
+each stage as it runs. Work happens in a private work directory and outputs reach the output
+directory only at the end."""
 
 from __future__ import annotations
 
+import copy
 import datetime
 import shutil
+import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..cache import cache_root, remove_tree
+from ..errors import ParticleError
 from ..spec import Spec
 from ..tools import ToolsTree
 from ..ui import ui
@@ -26,26 +33,125 @@ from .trust import install_trust, sign_uki, sign_verity
 from .updates import update_definitions
 from .usrimage import usr_image
 
-Stage = Callable[[BuildContext], None]
+# Given by the caller before the first stage.
+INPUTS = frozenset({"spec", "version", "output_dir", "work_dir", "tools", "staging"})
+# What build() reads into the BuildResult once the last stage ran.
+RESULTS = frozenset({"disk", "artifacts", "root_hash", "kernel_version", "cache_hit", "sizes"})
+FIELDS = frozenset(f.name for f in fields(BuildContext)) | {"staging"}
 
-STAGES: list[tuple[str, Stage]] = [
-    ("bootstrap: Debian tree (cached)", bootstrap),
-    ("configure: users, services, files", configure),
-    ("trust anchors: certificate, update keyring, signed boot loader", install_trust),
-    ("updates: sysupdate transfers, boot assessment", update_definitions),
-    ("machine-side particle command", install_machine_tools),
-    ("system extensions: merged at boot", sysext_support),
-    ("kernel and initrd", boot_files),
-    ("hermetic /usr and factory /etc", hermetic),
-    ("usr file system image", usr_image),
-    ("dm-verity hash tree", verity),
-    ("verity signature", sign_verity),
-    ("unified kernel image", build_uki),
-    ("Secure Boot signature of the UKI", sign_uki),
-    ("GPT disk image", disk_image),
-    ("extensions: sysext images from the spec", extensions),
-    ("update artifacts and SHA256SUMS", artifacts),
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the build. `needs` and `gives` name BuildContext fields; a stage must assign
+    every field it gives (None where the build has no such result, e.g. an unsigned build's
+    signature) and no other. Stages that only edit the tree in place need `tree`, give nothing."""
+
+    name: str  # key of BuildResult.timings
+    title: str  # shown while it runs
+    run: Callable[[BuildContext], None]
+    needs: frozenset[str] = frozenset()
+    gives: frozenset[str] = frozenset()
+
+
+def stage(name: str, title: str, run: Callable[[BuildContext], None], *, needs: str = "",
+          gives: str = "") -> Stage:
+    return Stage(name, title, run, frozenset(needs.split()), frozenset(gives.split()))
+
+
+STAGES: list[Stage] = [
+    stage("bootstrap", "bootstrap: Debian tree (cached)", bootstrap,
+          gives="tree tree_key cache_hit kernel_version"),
+    stage("configure", "configure: users, services, files", configure, needs="tree"),
+    stage("trust", "trust anchors: certificate, update keyring, signed boot loader",
+          install_trust, needs="tree", gives="bootloader"),
+    stage("updates", "updates: sysupdate transfers, boot assessment", update_definitions,
+          needs="tree"),
+    stage("machine-tools", "machine-side particle command", install_machine_tools,
+          needs="tree"),
+    stage("sysext-support", "system extensions: merged at boot", sysext_support, needs="tree"),
+    stage("boot-files", "kernel and initrd", boot_files, needs="tree kernel_version",
+          gives="vmlinuz initrd"),
+    # It empties /boot: the kernel and initrd must have been copied out before.
+    stage("hermetic", "hermetic /usr and factory /etc", hermetic, needs="tree vmlinuz initrd"),
+    stage("usr-image", "usr file system image", usr_image, needs="tree", gives="usr_image"),
+    stage("verity", "dm-verity hash tree", verity, needs="usr_image",
+          gives="verity_image root_hash"),
+    stage("verity-signature", "verity signature", sign_verity, needs="root_hash",
+          gives="verity_sig usr_signature_cmdline"),
+    stage("uki", "unified kernel image", build_uki,
+          needs="tree kernel_version vmlinuz initrd root_hash usr_signature_cmdline",
+          gives="uki"),
+    stage("uki-signature", "Secure Boot signature of the UKI", sign_uki, needs="uki",
+          gives="boot_uki"),
+    stage("disk", "GPT disk image", disk_image,
+          needs="bootloader boot_uki usr_image verity_image verity_sig root_hash",
+          gives="disk"),
+    stage("extensions", "extensions: sysext images from the spec", extensions,
+          needs="tree kernel_version", gives="extra_artifacts extensions_info"),
+    stage("artifacts", "update artifacts and SHA256SUMS", artifacts,
+          needs="tree tree_key kernel_version root_hash usr_image verity_image verity_sig "
+                "boot_uki disk extra_artifacts extensions_info",
+          gives="artifacts sizes"),
 ]
+
+
+def check_contracts(stages: Iterable[Stage], inputs: frozenset[str] = INPUTS,
+                    results: frozenset[str] = RESULTS) -> list[str]:
+    """Problems with the declarations of a stage table, one line each (none: the chain holds).
+    Every need is given earlier, no field is given twice, every result is read by a later
+    stage or by the BuildResult, and every name is a BuildContext field."""
+    problems: list[str] = []
+    stages = list(stages)
+    given: dict[str, str] = {f: "the caller" for f in inputs}
+    for i, st in enumerate(stages):
+        for f in sorted((st.needs | st.gives) - FIELDS):
+            problems.append(f"{st.name}: {f} is not a BuildContext field")
+        for f in sorted(st.needs - given.keys()):
+            problems.append(f"{st.name}: needs {f}, which no earlier stage gives")
+        for f in sorted(st.gives & given.keys()):
+            problems.append(f"{st.name}: gives {f}, already given by {given[f]}")
+        for f in sorted(st.gives - given.keys()):
+            given[f] = st.name
+        later = set(results).union(*(s.needs for s in stages[i + 1:]))
+        for f in sorted(st.gives - later):
+            problems.append(f"{st.name}: gives {f}, which no later stage needs nor the result")
+    for f in sorted(results - given.keys()):
+        problems.append(f"the build result reads {f}, which no stage gives")
+    return problems
+
+
+class StageContractError(ParticleError):
+    """A stage broke its declaration: a bug in ParticleOS, not in the spec."""
+
+
+def _snapshot(ctx: BuildContext, names: Iterable[str]) -> dict[str, object]:
+    """Values to compare after a stage; containers copied, so in-place edits show too."""
+    snap: dict[str, object] = {}
+    for name in names:
+        value = getattr(ctx, name)
+        snap[name] = copy.copy(value) if isinstance(value, (dict, list, set)) else value
+    return snap
+
+
+def run_stage(st: Stage, ctx: BuildContext, given: frozenset[str]) -> float:
+    """Run one stage, check it kept its declaration, and return its own wall time in seconds
+    (nested ui.step()s, e.g. bootstrap's package installation, are part of it)."""
+    before = _snapshot(ctx, given - {"staging"})
+    ctx.take_assigned()
+    start = time.monotonic()
+    with ui.step(st.title):
+        st.run(ctx)
+    elapsed = time.monotonic() - start
+    assigned = ctx.take_assigned()
+    changed = {f for f, v in before.items()
+               if not (getattr(ctx, f) is v or getattr(ctx, f) == v)}
+    problems = [f"assigned {f}, which it does not give" for f in sorted(assigned - st.gives)]
+    problems += [f"did not assign {f}, which it gives" for f in sorted(st.gives - assigned)]
+    problems += [f"changed {f}, given before it" for f in sorted(changed - assigned)]
+    if problems:
+        raise StageContractError(
+            f"internal error: stage {st.name} broke its declaration: {'; '.join(problems)}")
+    return elapsed
 
 
 @dataclass
@@ -97,14 +203,13 @@ def build(spec: Spec, output_dir: Path, version: str | None = None) -> BuildResu
     try:
         ctx.staging.mkdir()
         ctx.tools.ensure()
-        for title, stage in STAGES:
-            start = len(ui.timings)
-            with ui.step(title):
-                stage(ctx)
-            timings[title.split(":")[0]] = round(ui.timings[start][1], 2)
+        given = INPUTS
+        for st in STAGES:
+            timings[st.name] = round(run_stage(st, ctx, given), 2)
+            given |= st.gives
     finally:
         remove_tree(work)
-    assert ctx.disk is not None
+    assert ctx.disk is not None and ctx.artifacts is not None and ctx.sizes is not None
     return BuildResult(
         id=ctx.image_id, version=version, output_dir=output_dir,
         disk=output_dir / ctx.disk.name, artifacts=ctx.artifacts,

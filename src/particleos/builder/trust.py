@@ -4,12 +4,14 @@
   systemd looks for userspace verity checks), the OpenPGP public keyring that update metadata
   is checked against (/usr/lib/systemd/import-pubring.gpg, replacing Debian's vendor keys), and
   a Secure Boot-signed systemd-boot (`.efi.signed`, which bootctl prefers when it updates).
+  Gives `bootloader`: the systemd-boot the ESP carries.
 * `sign_verity` (after the hash tree): the usr-verity-sig partition and the kernel command line
   that makes the kernel accept /usr only with a valid root hash signature.
-* `sign_uki` (after the UKI): the UKI signed for Secure Boot.
+* `sign_uki` (after the UKI): the UKI signed for Secure Boot. Gives `boot_uki`: the UKI shipped.
 
 Only certificates and public keys enter the tree; the private keys are read from the spec's
-paths to sign and never copied. Without `[signing]` every stage does nothing.
+paths to sign and never copied. Without `[signing]` every stage gives the unsigned results
+(the tree's systemd-boot, no signature, no extra command line, the unsigned UKI).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def install_trust(ctx: BuildContext) -> None:
     assert ctx.tree is not None
     pair = key_pair(ctx.spec)
     pgp_key = ctx.spec.signing.openpgp_key
+    ctx.bootloader = ctx.tree / SDBOOT
     if pair is None and pgp_key is None:
         ui.info("  unsigned image (no [signing] keys)")
         return
@@ -87,29 +90,31 @@ def install_trust(ctx: BuildContext) -> None:
 def sign_verity(ctx: BuildContext) -> None:
     pair = key_pair(ctx.spec)
     if pair is None:
+        ctx.verity_sig = None
+        ctx.usr_signature_cmdline = []
         return
     root_hash = ctx.root_hash.hex()
     sig = ctx.work_dir / "usr-verity-sig.img"
     sig.write_bytes(verity_signature_partition(pair, root_hash))
-    ctx.verity_sig = sig
-    ctx.extra_cmdline += usr_signature_cmdline(pair, root_hash)
+    extra = usr_signature_cmdline(pair, root_hash)
     cmdline = " ".join(
-        uki.usr_cmdline(root_hash, ctx.spec.image.filesystem,
-                        [*ctx.spec.kernel.cmdline, *ctx.extra_cmdline])
+        uki.usr_cmdline(root_hash, ctx.spec.image.filesystem, [*ctx.spec.kernel.cmdline, *extra])
     )
     if len(cmdline) > KERNEL_CMDLINE_MAX:
         raise ParticleError(
             f"kernel.cmdline: with the /usr signature the kernel command line is {len(cmdline)} "
             f"bytes; the kernel takes at most {KERNEL_CMDLINE_MAX}: shorten kernel.cmdline"
         )
-    ctx.sizes["usr-verity-sig"] = sig.stat().st_size
+    ctx.verity_sig = sig
+    ctx.usr_signature_cmdline = extra
 
 
 def sign_uki(ctx: BuildContext) -> None:
-    if ctx.spec.signing.key is None or ctx.uki is None:
+    assert ctx.uki is not None
+    if ctx.spec.signing.key is None:
+        ctx.boot_uki = ctx.uki
         return
     signed = ctx.work_dir / "uki.signed.efi"
     sbsign(ctx.tools, Path(ctx.spec.signing.key), Path(ctx.spec.signing.certificate or ""),
            ctx.uki, signed)
-    ctx.uki = signed
-    ctx.sizes["uki"] = signed.stat().st_size
+    ctx.boot_uki = signed

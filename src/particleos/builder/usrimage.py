@@ -3,10 +3,13 @@ derived from id and version, files owned by root."""
 
 from __future__ import annotations
 
+import os
+
 from .. import runner  # noqa: F401  (kept for symmetry: every tool goes through the runner)
 from .context import BuildContext
 
 SOURCE_DATE_EPOCH = "0"
+BLOCK = 4096  # dm-verity's data block size
 
 
 def usr_image(ctx: BuildContext) -> None:
@@ -29,5 +32,7 @@ def usr_image(ctx: BuildContext) -> None:
         else:
             argv += ["-comp", str(img.compression)]
     ctx.tools.run(argv, binds=[ctx.work_dir], env=env, what=f"mkfs of /usr ({img.filesystem})")
+    size = out.stat().st_size
+    if size % BLOCK:  # verity covers whole blocks only: pad so that no byte is unprotected
+        os.truncate(out, size + BLOCK - size % BLOCK)
     ctx.usr_image = out
-    ctx.sizes["usr"] = out.stat().st_size
