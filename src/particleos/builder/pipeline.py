@@ -3,15 +3,21 @@ happens in a private work directory and outputs reach the output directory only 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import shutil
+import signal
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
-from ..cache import cache_root, remove_tree
+from ..cache import cache_root, sweep_stale, work_dir
+from ..errors import Interrupted, SpecError
 from ..spec import Spec
+from ..spec.checks import check_inputs
 from ..tools import ToolsTree
 from ..ui import ui
 from .artifacts import artifacts
@@ -84,8 +90,13 @@ def resolve_version(spec: Spec) -> str:
 
 
 def build(spec: Spec, output_dir: Path, version: str | None = None) -> BuildResult:
-    """Run every stage; on any failure or interrupt the output directory is left as it was."""
+    """Run every stage; on any failure or interrupt (SIGINT, SIGTERM) the output directory is
+    left as it was and the work directory is gone."""
     version = version or resolve_version(spec)
+    problems = check_inputs(spec, version)  # load_spec ran them too; `version` may be new
+    if problems:
+        raise SpecError([p.line(spec.origin) for p in problems],
+                        hints=[p.hint for p in problems if p.hint])
     output_dir = output_dir.resolve()
     work = cache_root() / "work" / f"{spec.system.id}_{version}-{uuid.uuid4().hex[:8]}"
     ctx = BuildContext(
@@ -93,17 +104,17 @@ def build(spec: Spec, output_dir: Path, version: str | None = None) -> BuildResu
         tools=ToolsTree(spec.system.mirror),
     )
     timings: dict[str, float] = {}
-    work.mkdir(parents=True)
-    try:
-        ctx.staging.mkdir()
-        ctx.tools.ensure()
-        for title, stage in STAGES:
-            start = len(ui.timings)
-            with ui.step(title):
-                stage(ctx)
-            timings[title.split(":")[0]] = round(ui.timings[start][1], 2)
-    finally:
-        remove_tree(work)
+    with interruptible():
+        for stale in sweep_stale():
+            ui.debug(f"removed {stale} (left by a build that was killed)")
+        with work_dir(work):
+            ctx.staging.mkdir()
+            ctx.tools.ensure()
+            for title, stage in STAGES:
+                start = len(ui.timings)
+                with ui.step(title):
+                    stage(ctx)
+                timings[title.split(":")[0]] = round(ui.timings[start][1], 2)
     assert ctx.disk is not None
     return BuildResult(
         id=ctx.image_id, version=version, output_dir=output_dir,
@@ -111,6 +122,29 @@ def build(spec: Spec, output_dir: Path, version: str | None = None) -> BuildResu
         root_hash=ctx.root_hash.hex(), kernel=ctx.kernel_version, cache_hit=ctx.cache_hit,
         sizes=ctx.sizes, timings=timings,
     )
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGINT and SIGTERM raise Interrupted (once), so a killed build unwinds like Ctrl-C: the
+    running command's process group is stopped and waited for, temporaries are removed. A
+    second signal during that cleanup is ignored rather than cutting it short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def clean(output_dirs: list[Path], caches: bool) -> list[Path]:
