@@ -182,7 +182,8 @@ def test_partition_label_too_long(run: Run, tmp_path: Path) -> None:
         "(ID_VERSION) is 43 characters (allowed: at most 36, the GPT limit)",
         "hint: shorten system.id or system.version",
     ]
-    lines = problems(run, tmp_path, '[system]\nid = "demo"\nversion = "2026.12.01-rc1.build42-with-a-long-tail"\n')
+    version = "2026.12.01-rc1.build42-with-a-long-tail"
+    lines = problems(run, tmp_path, f'[system]\nid = "demo"\nversion = "{version}"\n')
     assert lines[0].startswith("particle.toml: system.version: the partition label")
 
 
@@ -196,7 +197,8 @@ def test_toml_error_has_line_and_column(run: Run, tmp_path: Path) -> None:
     ("opening", "expected"),
     [
         ('install = [\n  "less",\n  "vim",\n', "line 4, column 11: the array"),
-        ('install = ["less"]\n[system.x]\nmotd = """\nhello\n', "line 6, column 8: the multi-line string"),
+        ('install = ["less"]\n[system.x]\nmotd = """\nhello\n',
+         "line 6, column 8: the multi-line string"),
         ("install = ['''\nless\n", "line 4, column 12: the multi-line string"),
     ],
 )
