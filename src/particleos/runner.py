@@ -8,11 +8,13 @@ import shlex
 import shutil
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 
-from .errors import CommandError, MissingToolError
+from .errors import CommandError, Interrupted, MissingToolError
 from .ui import ui
 
 # Debian package that provides each host program we call; used in "missing tool" errors.
@@ -112,6 +114,29 @@ def stop_group(popen: subprocess.Popen[bytes], grace: float = 15.0) -> None:
                 os.killpg(popen.pid, signal.SIGKILL)
         break
     popen.wait()
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGINT and SIGTERM raise Interrupted (once), so a killed build unwinds like Ctrl-C: the
+    running command's process group is stopped and waited for, temporaries are removed. A
+    second signal during that cleanup is ignored rather than cutting it short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def output(argv: Sequence[str | os.PathLike[str]], **kw: object) -> str:

@@ -257,3 +257,16 @@ def test_build_fails_with_the_same_lines_before_any_work(tmp_path: Path) -> None
     assert "Traceback" not in build.stderr and build.stdout == ""
     assert not cache.exists() and not mark.exists()
     assert not (spec.parent / "out").exists()
+
+
+def test_model_problems_and_input_problems_are_reported_together(
+    run: Run, tmp_path: Path
+) -> None:
+    text = (GOOD + '[packages]\ninstal = ["less"]\n[files]\ntrees = ["overlay"]\n'
+            '[image]\nroot_size = "lots"\n')
+    assert problems(run, tmp_path, text) == [
+        "particle.toml: packages.instal: unknown key 'instal' (did you mean 'install'?)",
+        'particle.toml: image.root_size: bad size \'lots\' (allowed: a number with K, M, G or T, '
+        'e.g. "512M")',
+        "particle.toml: files.trees[0]: overlay does not exist (allowed: an existing directory)",
+    ]

@@ -3,19 +3,16 @@ happens in a private work directory and outputs reach the output directory only 
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import shutil
-import signal
-import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 from ..cache import cache_root, sweep_stale, work_dir
-from ..errors import Interrupted, SpecError
+from ..errors import SpecError
+from ..runner import interruptible
 from ..spec import Spec
 from ..spec.checks import check_inputs
 from ..tools import ToolsTree
@@ -122,29 +119,6 @@ def build(spec: Spec, output_dir: Path, version: str | None = None) -> BuildResu
         root_hash=ctx.root_hash.hex(), kernel=ctx.kernel_version, cache_hit=ctx.cache_hit,
         sizes=ctx.sizes, timings=timings,
     )
-
-
-@contextlib.contextmanager
-def interruptible() -> Iterator[None]:
-    """SIGINT and SIGTERM raise Interrupted (once), so a killed build unwinds like Ctrl-C: the
-    running command's process group is stopped and waited for, temporaries are removed. A
-    second signal during that cleanup is ignored rather than cutting it short."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    fired: list[int] = []
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        if not fired:
-            fired.append(signum)
-            raise Interrupted(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def clean(output_dirs: list[Path], caches: bool) -> list[Path]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,17 +45,26 @@ class Problem:
         return f"{label}: {key_path(path)}: {self.text}" if path else f"{label}: {self.text}"
 
 
-def check_inputs(spec: Spec, version: str | None = None) -> list[Problem]:
+def check_inputs(
+    spec: Spec, version: str | None = None, invalid: Collection[str] = ()
+) -> list[Problem]:
     """All problems of `spec` that need no build, in the order of the spec's sections.
 
     `version` is the version being built; None means the spec's own (with "auto" standing for
-    a timestamp of the length resolve_version makes).
+    a timestamp of the length resolve_version makes). `invalid` names sections that failed
+    the model's own checks (the loader then passes a partial spec): checks that read them are
+    skipped, the others still run, so one `validate` reports everything.
     """
+    checks: list[tuple[set[str], Callable[[], list[Problem]]]] = [
+        ({"files"}, lambda: _files(spec)),
+        ({"signing", "update"}, lambda: _signing(spec)),
+        ({"system", "update"}, lambda: _version(spec, version)),
+        ({"image"}, lambda: _sizes(spec)),
+    ]
     problems: list[Problem] = []
-    problems += _files(spec)
-    problems += _signing(spec)
-    problems += _version(spec, version)
-    problems += _sizes(spec)
+    for sections, check in checks:
+        if not sections & set(invalid):
+            problems += check()
     return problems
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from ..errors import SpecError
 from .checks import check_inputs
@@ -400,14 +400,30 @@ def _validate(merged: Merged, top: str) -> Spec:
     else:
         if not problems:
             return spec
+    # Sections that are valid on their own still get their file and cross-field checks.
+    invalid = {str(loc[0]) for loc, _ in problems if loc}
+    sections: dict[str, Any] = {}
+    for name, info in Spec.model_fields.items():
+        if name in data and name not in invalid:
+            try:
+                sections[name] = TypeAdapter(info.annotation or Any).validate_python(data[name])
+            except ValidationError:
+                invalid.add(name)
+        elif info.is_required():
+            invalid.add(name)
+        else:
+            sections[name] = info.get_default(call_default_factory=True)
+    found = check_inputs(Spec.model_construct(**sections), invalid=invalid)
+    extra = [(p.loc, p.text) for p in found]
     # Report in the order of the model (the `[files]` key check ran first); unknown keys last.
     order = list(Spec.model_fields)
     problems.sort(key=lambda p: order.index(p[0][0]) if p[0] and p[0][0] in order else len(order))
+    problems += extra
     lines = []
     for loc, text in problems:
         label, where = (top, loc) if text == "missing required key" else merged.origin(loc, top)
         lines.append(f"{label}: {key_path(where)}: {text}" if where else f"{label}: {text}")
-    raise SpecError(list(dict.fromkeys(lines)))
+    raise SpecError(list(dict.fromkeys(lines)), hints=[p.hint for p in found if p.hint])
 
 
 def _files_key_message(key: str) -> str:
