@@ -4,7 +4,9 @@ under its final name or not at all, so an interrupted build never leaves half a 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import re
 import shutil
 import subprocess
 import uuid
@@ -52,22 +54,100 @@ def mounts_below(path: Path) -> list[str]:
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; rename it onto `final` only if the block succeeds."""
+    """Yield a temporary sibling directory; rename it onto `final` only if the block succeeds.
+
+    The temporary (and the replaced old tree) are owned through a held lock file, so that a
+    later build can sweep them when this process was killed outright (`sweep_stale`).
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    token = uuid.uuid4().hex[:8]
+    tmp = final.with_name(f".{final.name}.tmp-{token}")
+    with owner_lock(final.with_name(f".{final.name}.{token}.lock")):
+        try:
+            yield tmp
+            fsync_path(tmp)
+            if final.exists():
+                old = final.with_name(f".{final.name}.old-{token}")
+                os.rename(final, old)
+                os.rename(tmp, final)
+                remove_tree(old)
+            else:
+                os.rename(tmp, final)
+            fsync_path(final.parent)
+        finally:
+            remove_tree(tmp)
+
+
+@contextlib.contextmanager
+def owner_lock(lock: Path) -> Iterator[None]:
+    """Hold an exclusive flock on a new file `lock` for the block: while this process lives,
+    what the lock names is in use. The file appears already locked (created under another
+    name, locked, then renamed), so a sweeper never sees it unowned."""
+    new = lock.with_name(f"{lock.name}.new")
+    fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        yield tmp
-        fsync_path(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(final, old)
-            os.rename(tmp, final)
-            remove_tree(old)
-        else:
-            os.rename(tmp, final)
-        fsync_path(final.parent)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(new, lock)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
     finally:
-        remove_tree(tmp)
+        new.unlink(missing_ok=True)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def work_dir(path: Path) -> Iterator[Path]:
+    """A build's private directory, owned by this process (`PATH.lock` is held) and removed
+    when the block ends, however it ends."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with owner_lock(path.with_name(f"{path.name}.lock")):
+        path.mkdir()
+        try:
+            yield path
+        finally:
+            remove_tree(path)
+
+
+_OWNED = re.compile(r"^\.(?P<name>.+)\.(tmp|old)-(?P<token>[0-9a-f]{8})$")
+
+
+def sweep_stale(root: Path | None = None) -> list[Path]:
+    """Remove work directories and atomic_dir temporaries whose owner is gone (a build killed
+    outright, e.g. SIGKILL or power loss). Entries without a lock file are left alone: they
+    may belong to a running build of an older version. Returns what was removed."""
+    root = root or cache_root()
+    candidates: list[tuple[Path, Path]] = []
+    work = root / "work"
+    if work.is_dir():
+        candidates += [(d, d.with_name(f"{d.name}.lock")) for d in sorted(work.iterdir())
+                       if d.is_dir() and not d.is_symlink()]
+    for parent in [root, *sorted(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []:
+        for entry in sorted(parent.iterdir()):
+            m = _OWNED.match(entry.name)
+            if m:
+                candidates.append((entry, parent / f".{m['name']}.{m['token']}.lock"))
+    removed = []
+    for target, lock in candidates:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its owner is alive
+            try:
+                remove_tree(target)
+            except OSError:
+                continue  # e.g. mounts that cannot be detached; the lock stays for next time
+            lock.unlink(missing_ok=True)
+            removed.append(target)
+        finally:
+            os.close(fd)
+    return removed
 
 
 @contextlib.contextmanager

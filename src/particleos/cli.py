@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import ParticleError
+from .errors import Interrupted, ParticleError
 from .ui import ui
 
 SPEC_ARG = click.argument("spec", required=False, type=click.Path(path_type=Path))
@@ -266,7 +266,15 @@ def main() -> None:
         if debug:
             raise
         click.echo(f"error: {err}" if err.exit_code != 2 else str(err), err=True)
+        for line in (err.hint or "").splitlines():
+            click.echo(f"hint: {line}", err=True)
         sys.exit(err.exit_code)
+    except Interrupted as err:
+        # SIGINT or SIGTERM during a build: its work directory is already removed.
+        if debug:
+            raise
+        click.echo("interrupted", err=True)
+        sys.exit(128 + err.signum)
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
     except click.exceptions.Abort:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class ParticleError(Exception):
-    """Base class: anything a user can act on. The CLI prints `str(err)` and exits `exit_code`."""
+    """Base class: anything a user can act on. The CLI prints `str(err)` and exits `exit_code`;
+    `hint` (what to run or change) follows on its own `hint: ...` line(s)."""
 
     exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 class SpecError(ParticleError):
@@ -14,9 +21,19 @@ class SpecError(ParticleError):
 
     exit_code = 2
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], *, hints: Sequence[str] = ()) -> None:
         self.problems = problems
-        super().__init__("\n".join(problems))
+        unique = list(dict.fromkeys(hints))
+        super().__init__("\n".join(problems), hint="\n".join(unique) or None)
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM during a build: unwinds like KeyboardInterrupt (cleanup runs), is not
+    caught by `except Exception`, and the CLI exits 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 class CommandError(ParticleError):

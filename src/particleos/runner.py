@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
+import signal
 import subprocess
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 
-from .errors import CommandError, MissingToolError
+from .errors import CommandError, Interrupted, MissingToolError
 from .ui import ui
 
 # Debian package that provides each host program we call; used in "missing tool" errors.
@@ -65,16 +69,23 @@ def run(
         full_env = dict(os.environ)
         full_env.update(env)
     start = time.monotonic()
-    proc = subprocess.run(
+    # Its own process group, so that an interrupt stops the program and everything it started
+    # (mmdebstrap's apt and dpkg, a chroot's commands) before the build removes their tree.
+    with subprocess.Popen(
         args,
-        input=input,
-        stdin=None if input is not None else subprocess.DEVNULL,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE if capture else (None if ui.verbose else subprocess.DEVNULL),
         stderr=subprocess.PIPE,
         env=full_env,
         cwd=cwd,
-        check=False,
-    )
+        process_group=0,
+    ) as popen:
+        try:
+            out, err = popen.communicate(input)
+        except BaseException:
+            stop_group(popen)
+            raise
+    proc = subprocess.CompletedProcess(args, popen.returncode, out, err)
     elapsed = time.monotonic() - start
     stderr = proc.stderr.decode(errors="replace")
     if ui.verbose and stderr.strip():
@@ -83,6 +94,49 @@ def run(
     if check and proc.returncode != 0:
         raise CommandError(label, args, proc.returncode, stderr or _decoded(proc.stdout))
     return proc
+
+
+def stop_group(popen: subprocess.Popen[bytes], grace: float = 15.0) -> None:
+    """SIGTERM the child's process group (programs such as mmdebstrap then unmount and clean
+    up), SIGKILL what is left after `grace` seconds, and wait for the child."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        try:
+            os.killpg(popen.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            popen.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM:
+            # The leader is gone; anything it left in its group goes too.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, signal.SIGKILL)
+        break
+    popen.wait()
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGINT and SIGTERM raise Interrupted (once), so a killed build unwinds like Ctrl-C: the
+    running command's process group is stopped and waited for, temporaries are removed. A
+    second signal during that cleanup is ignored rather than cutting it short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def output(argv: Sequence[str | os.PathLike[str]], **kw: object) -> str:

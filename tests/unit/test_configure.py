@@ -11,7 +11,6 @@ import pytest
 from particleos.builder.configure import apply_files, write_os_release
 from particleos.builder.context import BuildContext
 from particleos.builder.hermetic import hermetic, move_enablement_links
-from particleos.errors import ParticleError
 from particleos.spec import load_spec
 from particleos.tools import ToolsTree
 
@@ -57,12 +56,6 @@ def test_files_trees_and_os_release(tmp_path: Path) -> None:
     release = (root / "usr/lib/os-release").read_text()
     assert 'IMAGE_ID="demo"' in release and 'IMAGE_VERSION="7"' in release
     assert os.readlink(root / "etc/os-release") == "../usr/lib/os-release"
-
-
-def test_missing_source_file_is_a_clear_error(tmp_path: Path) -> None:
-    ctx = make_ctx(tmp_path, SPEC.replace("hello.txt", "missing.txt"))
-    with pytest.raises(ParticleError, match=r'files\."/usr/local/bin/hello"\.source'):
-        apply_files(ctx)
 
 
 def test_enablement_links_move_into_usr_and_factory_copy(tmp_path: Path) -> None:

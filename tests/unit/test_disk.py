@@ -275,23 +275,6 @@ def test_only_512_byte_sectors(tmp_path: Path) -> None:
         write_disk(tmp_path / "d.raw", [], DISK_UUID, sector_size=4096)
 
 
-def test_long_label_is_refused(built: Build) -> None:
-    with pytest.raises(ParticleError, match="shorten the image id or the version"):
-        ab_usr_layout(
-            image_id="x" * 30,
-            version="2024.01.01",
-            esp=built.inputs["esp"],
-            usr=built.inputs["usr"],
-            usr_verity=built.inputs["verity"],
-            usr_verity_sig=None,
-            usr_uuid=USR_UUID,
-            verity_uuid=VERITY_UUID,
-            usr_slot_size=SLOT,
-            root=None,
-            root_size=8 * MiB,
-        )
-
-
 @pytest.mark.parametrize(
     ("slot", "expected"),
     [(8 * MiB, MiB), (1 << 30, 9 * MiB), (4096, MiB), (10 << 30, 81 * MiB)],

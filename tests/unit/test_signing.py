@@ -231,21 +231,6 @@ def test_unsigned_build_is_unchanged(tmp_path: Path, fake_sbsign: list[Path]) ->
 
 
 @needs_gpg
-def test_signed_image_with_updates_needs_an_openpgp_key(
-    tmp_path: Path, keys: KeyFiles, fake_sbsign: list[Path]
-) -> None:
-    toml = (f'[signing]\nkey = "{keys.key}"\ncertificate = "{keys.certificate}"\n'
-            '[update]\nsource = "http://10.0.2.100:8080/"\n')
-    with pytest.raises(ParticleError, match="openpgp_key: required"):
-        trust.install_trust(make_ctx(tmp_path, toml))
-
-
-def test_half_a_key_pair_is_an_error(tmp_path: Path, keys: KeyFiles) -> None:
-    ctx = make_ctx(tmp_path, f'[signing]\nkey = "{keys.key}"\n')
-    with pytest.raises(ParticleError, match=r"signing\.certificate: missing"):
-        trust.install_trust(ctx)
-
-
 @needs_gpg
 def test_signed_transfer_files_verify_and_carry_the_signature_partition(
     tmp_path: Path, keys: KeyFiles

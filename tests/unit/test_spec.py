@@ -170,17 +170,21 @@ def test_relative_paths_resolve_against_declaring_file(write: Write, tmp_path: P
         "/etc/a" = { source = "a.txt" }
         [signing]
         key = "../keys/p.key"
-        certificate = "/abs/p.crt"
+        certificate = "ABS/p.crt"
+        openpgp_key = "../keys/p.pgp"
         [update]
         source = "updates"
-        """,
+        """.replace("ABS", f"{tmp_path}/abs"),
     )
+    for name in ("inc/a.txt", "keys/p.key", "keys/p.pgp", "abs/p.crt"):
+        write(name, "x")
+    (tmp_path / "inc/overlay").mkdir()
     top = write("particle.toml", 'include = ["inc/base.toml"]\n' + MINIMAL)
     spec = load_spec(top)
     assert spec.files.trees == [f"{tmp_path}/inc/overlay/"]
     assert spec.files.entries["/etc/a"].source == f"{tmp_path}/inc/a.txt"
     assert spec.signing.key == f"{tmp_path}/keys/p.key"
-    assert spec.signing.certificate == "/abs/p.crt"
+    assert spec.signing.certificate == f"{tmp_path}/abs/p.crt"
     assert spec.update.source == f"{tmp_path}/inc/updates"
 
 
@@ -191,7 +195,10 @@ def test_url_update_source_and_override_paths(
     assert load_spec(top).update.source == "https://u.example/x/"
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    spec = load_spec(top, overrides=["signing.key=k.key"])
+    for name in ("k.key", "k.crt"):
+        (tmp_path / "elsewhere" / name).write_text("x")
+    plain = write("conf/plain.toml", MINIMAL)
+    spec = load_spec(plain, overrides=["signing.key=k.key", "signing.certificate=k.crt"])
     assert spec.signing.key == f"{tmp_path}/elsewhere/k.key"
 
 

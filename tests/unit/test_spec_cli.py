@@ -82,7 +82,8 @@ def test_toml_syntax_errors_in_includes_are_all_reported(run: Run, tmp_path: Pat
     write(tmp_path / "inc/b.toml", 'x = "open\n')
     lines = spec_error(run, tmp_path, 'include = ["inc/a.toml", "inc/b.toml"]\n' + GOOD)
     assert lines == [
-        "inc/a.toml: end of file: Invalid value",
+        "inc/a.toml: line 1, column 5: the array opened here is never closed "
+        "(Invalid value at end of file)",
         "inc/b.toml: line 1, column 10: Illegal character '\\n'",
     ]
 

@@ -16,9 +16,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ..cache import cache_root, remove_tree
-from ..errors import ParticleError
+from ..cache import cache_root, sweep_stale, work_dir
+from ..errors import ParticleError, SpecError
+from ..runner import interruptible
 from ..spec import Spec
+from ..spec.checks import check_inputs
 from ..tools import ToolsTree
 from ..ui import ui
 from .artifacts import artifacts
@@ -190,8 +192,13 @@ def resolve_version(spec: Spec) -> str:
 
 
 def build(spec: Spec, output_dir: Path, version: str | None = None) -> BuildResult:
-    """Run every stage; on any failure or interrupt the output directory is left as it was."""
+    """Run every stage; on any failure or interrupt (SIGINT, SIGTERM) the output directory is
+    left as it was and the work directory is gone."""
     version = version or resolve_version(spec)
+    problems = check_inputs(spec, version)  # load_spec ran them too; `version` may be new
+    if problems:
+        raise SpecError([p.line(spec.origin) for p in problems],
+                        hints=[p.hint for p in problems if p.hint])
     output_dir = output_dir.resolve()
     work = cache_root() / "work" / f"{spec.system.id}_{version}-{uuid.uuid4().hex[:8]}"
     ctx = BuildContext(
@@ -199,16 +206,16 @@ def build(spec: Spec, output_dir: Path, version: str | None = None) -> BuildResu
         tools=ToolsTree(spec.system.mirror),
     )
     timings: dict[str, float] = {}
-    work.mkdir(parents=True)
-    try:
-        ctx.staging.mkdir()
-        ctx.tools.ensure()
-        given = INPUTS
-        for st in STAGES:
-            timings[st.name] = round(run_stage(st, ctx, given), 2)
-            given |= st.gives
-    finally:
-        remove_tree(work)
+    with interruptible():
+        for stale in sweep_stale():
+            ui.debug(f"removed {stale} (left by a build that was killed)")
+        with work_dir(work):
+            ctx.staging.mkdir()
+            ctx.tools.ensure()
+            given = INPUTS
+            for st in STAGES:
+                timings[st.name] = round(run_stage(st, ctx, given), 2)
+                given |= st.gives
     assert ctx.disk is not None and ctx.artifacts is not None and ctx.sizes is not None
     return BuildResult(
         id=ctx.image_id, version=version, output_dir=output_dir,

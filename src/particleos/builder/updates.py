@@ -19,11 +19,7 @@ def update_definitions(ctx: BuildContext) -> None:
     assert ctx.tree is not None
     update = ctx.spec.update
     if update.source:
-        if "+" in ctx.version:
-            raise ParticleError(
-                f"system.version: {ctx.version!r} contains '+', which boot counting uses in "
-                "UKI file names (NAME+LEFT-DONE.efi); choose a version without '+'"
-            )
+        # No '+' in the version (boot counting uses it in UKI names): spec.checks.
         target = ctx.tree / SYSUPDATE_DIR
         target.mkdir(parents=True, exist_ok=True)
         for stale in target.glob("*.transfer"):

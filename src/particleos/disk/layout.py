@@ -120,12 +120,7 @@ def ab_usr_layout(
 
     Slot B gets the same sizes as A because systemd-sysupdate writes updates into it in place.
     """
-    label = f"{image_id}_{version}"
-    if len(label) > GPT_NAME_MAX:
-        raise ParticleError(
-            f"partition label {label!r} is {len(label)} characters; GPT allows {GPT_NAME_MAX}: "
-            "shorten the image id or the version"
-        )
+    label = f"{image_id}_{version}"  # at most GPT_NAME_MAX characters: spec.checks
     usr_bytes = file_size(usr)
     if usr_bytes > usr_slot_size:
         raise ParticleError(

@@ -12,10 +12,11 @@ from pathlib import Path
 import click
 
 from ..builder.artifacts import deliver
-from ..cache import cache_root, remove_tree
+from ..cache import cache_root, work_dir
 from ..errors import ParticleError
 from ..formats import sha256_file
 from ..machine.sysext import NAME_RE, artifact_name
+from ..runner import interruptible
 from ..tools import ToolsTree
 from ..ui import ui
 from .base import extract_usr, find_base, root_from_usr
@@ -47,8 +48,7 @@ def build_for_base(
     out_dir = (output or build_dir).resolve()
     work = cache_root() / "work" / f"ext-{info.image_id}_{info.version}-{uuid.uuid4().hex[:8]}"
     tools = ToolsTree(built.manifest.mirror or DEFAULT_MIRROR)
-    work.mkdir(parents=True)
-    try:
+    with interruptible(), work_dir(work):
         tools.ensure()
         staging = work / "out"
         staging.mkdir()
@@ -66,8 +66,6 @@ def build_for_base(
             )
         deliver(staging, out_dir, {fname: sha256_file(result.path)}, extra=[])
         result.path = out_dir / fname
-    finally:
-        remove_tree(work)
     return ExtBuild(result, info.image_id, info.version, time.monotonic() - start)
 
 

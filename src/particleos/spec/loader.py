@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from ..errors import SpecError
+from .checks import check_inputs
 from .errors import Key, KeyPath, clean_loc, did_you_mean, format_value, key_path, message
 from .model import Spec
 
@@ -100,7 +101,13 @@ def load_spec(path: Path, profiles: Sequence[str] = (), overrides: Sequence[str]
     for item in parsed:
         if item is not None:
             _set(merged, *item)
-    return _validate(merged, top)
+    spec = _validate(merged, top)
+    spec.set_origins(lambda loc: merged.origin(loc, top))
+    problems_found = check_inputs(spec)
+    if problems_found:
+        raise SpecError([p.line(spec.origin) for p in problems_found],
+                        hints=[p.hint for p in problems_found if p.hint])
+    return spec
 
 
 # --- reading files and includes ---------------------------------------------------------------
@@ -116,12 +123,66 @@ def _read(path: Path, label: str, problems: list[str]) -> dict[str, Any] | None:
             problems.append(f"{label}: line {m['line']}, column {m['col']}: {m['msg']}")
         else:
             text = str(err).removesuffix(" (at end of document)")
-            where = "end of file: " if text != str(err) else ""
-            problems.append(f"{label}: {where}{text}")
+            opened = _unclosed(path.read_text(errors="replace")) if text != str(err) else None
+            if opened is not None:
+                line, col, what = opened
+                problems.append(
+                    f"{label}: line {line}, column {col}: {what} opened here is never closed "
+                    f"({text} at end of file)"
+                )
+            else:
+                where = "end of file: " if text != str(err) else ""
+                problems.append(f"{label}: {where}{text}")
     except UnicodeDecodeError:
         problems.append(f"{label}: not UTF-8 text (TOML files must be UTF-8)")
     except OSError as err:
         problems.append(f"{label}: cannot read: {err.strerror or err}")
+    return None
+
+
+def _unclosed(text: str) -> tuple[int, int, str] | None:
+    """Where the outermost construct still open at the end of `text` began: (line, column,
+    what), or None. tomllib only says "at end of document", which points nowhere useful."""
+    stack: list[tuple[int, int, str]] = []  # brackets and braces: (line, column, closer)
+    line, col, i, n = 1, 1, 0, len(text)
+    names = {"]": "the array", "}": "the inline table"}
+    string: tuple[int, int, str] | None = None  # an open string: (line, column, delimiter)
+    in_value = False  # after "=" or inside brackets: "[" is an array, not a table header
+    while i < n:
+        c = text[i]
+        step = 1
+        if string is not None:
+            delim = string[2]
+            if text.startswith(delim, i):
+                string, step = None, len(delim)
+            elif c == "\\" and delim in ('"', '"""'):
+                step = 2
+            elif c == "\n" and len(delim) == 1:
+                string = None  # tomllib reports a newline in a string with its position
+        elif c == "#":
+            while i + step < n and text[i + step] != "\n":
+                step += 1
+        elif c in "\"'":
+            delim = c * 3 if text.startswith(c * 3, i) else c
+            string, step = (line, col, delim), len(delim)
+        elif c in "[{":
+            if c == "{" or in_value or stack:
+                stack.append((line, col, "]" if c == "[" else "}"))
+        elif c in "]}":
+            if stack and stack[-1][2] == c:
+                stack.pop()
+        elif c == "=":
+            in_value = True
+        elif c == "\n" and not stack:
+            in_value = False
+        for ch in text[i : i + step]:
+            line, col = (line + 1, 1) if ch == "\n" else (line, col + 1)
+        i += step
+    if string is not None:
+        kind = "the multi-line string" if len(string[2]) == 3 else "the string"
+        return string[0], string[1], kind
+    if stack:
+        return stack[0][0], stack[0][1], names[stack[0][2]]
     return None
 
 
@@ -339,14 +400,30 @@ def _validate(merged: Merged, top: str) -> Spec:
     else:
         if not problems:
             return spec
+    # Sections that are valid on their own still get their file and cross-field checks.
+    invalid = {str(loc[0]) for loc, _ in problems if loc}
+    sections: dict[str, Any] = {}
+    for name, info in Spec.model_fields.items():
+        if name in data and name not in invalid:
+            try:
+                sections[name] = TypeAdapter(info.annotation or Any).validate_python(data[name])
+            except ValidationError:
+                invalid.add(name)
+        elif info.is_required():
+            invalid.add(name)
+        else:
+            sections[name] = info.get_default(call_default_factory=True)
+    found = check_inputs(Spec.model_construct(**sections), invalid=invalid)
+    extra = [(p.loc, p.text) for p in found]
     # Report in the order of the model (the `[files]` key check ran first); unknown keys last.
     order = list(Spec.model_fields)
     problems.sort(key=lambda p: order.index(p[0][0]) if p[0] and p[0][0] in order else len(order))
+    problems += extra
     lines = []
     for loc, text in problems:
         label, where = (top, loc) if text == "missing required key" else merged.origin(loc, top)
         lines.append(f"{label}: {key_path(where)}: {text}" if where else f"{label}: {text}")
-    raise SpecError(list(dict.fromkeys(lines)))
+    raise SpecError(list(dict.fromkeys(lines)), hints=[p.hint for p in found if p.hint])
 
 
 def _files_key_message(key: str) -> str:

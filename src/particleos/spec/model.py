@@ -5,6 +5,7 @@ allowed values and the exported JSON Schema; the loader turns their errors into
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -13,6 +14,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -283,3 +285,16 @@ class Spec(Model):
     update: Update = Field(default_factory=Update)
     boot: Boot = Field(default_factory=Boot)
     extensions: dict[Id, Extension] = {}
+    # Which file set a key (the loader's origin tracking), for problems found after loading.
+    _origin: Any = PrivateAttr(default=None)
+
+    def set_origins(self, where: Callable[[tuple[str | int, ...]], tuple[str, Any]]) -> None:
+        self._origin = where
+
+    def origin(self, loc: tuple[str | int, ...]) -> tuple[str, tuple[str | int, ...]]:
+        """The file that set `loc` and the key path as spelled there ("particle.toml" if the
+        spec was not loaded from files)."""
+        if self._origin is None:
+            return "particle.toml", loc
+        label, path = self._origin(loc)
+        return str(label), tuple(path)

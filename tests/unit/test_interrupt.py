@@ -1,0 +1,112 @@
+"""An interrupted build leaves nothing behind: SIGTERM and SIGINT unwind the real `particle
+build` (the running command's process group is stopped first), and what a build killed outright
+left is swept by the next one. A fake mmdebstrap stands in for the mirror (fast); the real one
+is in tests/integration/test_interrupt.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from particleos.cache import sweep_stale
+
+FAKE_MMDEBSTRAP = """\
+#!/bin/sh
+# Like mmdebstrap: fill the target (second to last argument), then keep working.
+eval target=\\${{$(($# - 1))}}
+mkdir -p "$target/usr/bin" && head -c 1048576 /dev/zero > "$target/usr/bin/big"
+sleep 1000 &
+echo $! > {marks}/grandchild
+echo $$ > {marks}/running
+wait
+"""
+
+
+def leftovers(cache: Path) -> list[str]:
+    """Work directories, atomic_dir temporaries and lock files anywhere in the cache."""
+    found = [p for p in cache.rglob("*") if ".tmp-" in p.name or p.name.endswith(".lock")]
+    work = cache / "work"
+    found += list(work.iterdir()) if work.exists() else []
+    return sorted(str(p.relative_to(cache)) for p in found)
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # a zombie waiting for init has stopped running
+
+
+def wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_interrupted_build_leaves_nothing(tmp_path: Path, sig: int, status: int) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    fake = tmp_path / "bin/mmdebstrap"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_MMDEBSTRAP.format(marks=marks))
+    fake.chmod(0o755)
+    (tmp_path / "sys").mkdir()
+    (tmp_path / "sys/particle.toml").write_text('[system]\nid = "demo"\n')
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PARTICLE_CACHE_DIR": str(cache),
+           "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([sys.executable, "-m", "particleos", "build"], cwd=tmp_path / "sys",
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(marks / "running", proc)
+    assert [p for p in leftovers(cache) if p.startswith("work/")]  # the build has its work dir
+    proc.send_signal(sig)
+    _, err = proc.communicate()
+    assert proc.returncode == status, err
+    assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err
+    assert gone(int((marks / "grandchild").read_text()))  # the whole process group stopped
+    assert leftovers(cache) == []
+    assert not (tmp_path / "sys/out").exists()
+
+
+HOLDER = """\
+import sys, time
+from pathlib import Path
+from particleos.cache import atomic_dir, work_dir
+cache = Path(sys.argv[1])
+with work_dir(cache / "work" / "demo_1-abcd1234") as w, atomic_dir(cache / "trees" / "t") as tmp:
+    (w / "root").mkdir()
+    tmp.mkdir()
+    (tmp / "file").write_text("half a tree")
+    print("ready", flush=True)
+    time.sleep(1000)
+"""
+
+
+def test_sweep_removes_only_what_a_dead_build_left(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    legacy = cache / "work" / "old-build-without-lock"  # maybe a running older version's
+    legacy.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLDER), str(cache)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        held = leftovers(cache)
+        assert "work/demo_1-abcd1234" in held and any(".t.tmp-" in p for p in held)
+        assert sweep_stale(cache) == []  # the owner is alive: nothing is touched
+        assert leftovers(cache) == held
+    finally:
+        holder.kill()
+        holder.wait()
+    removed = sorted(str(p.relative_to(cache)) for p in sweep_stale(cache))
+    assert removed == [p for p in held if not p.endswith((".lock", "-without-lock"))]
+    assert leftovers(cache) == ["work/old-build-without-lock"]
+    assert sweep_stale(cache) == []
