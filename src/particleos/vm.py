@@ -6,7 +6,9 @@ creates but never starts, is not proof (DESIGN.md section 7). The probe runs the
 for a moment; a boot whose QEMU still reports a KVM failure restarts under TCG by itself (with
 `accel="auto"`), so a broken accelerator costs seconds, never a timeout. A guest that is known
 dead (QEMU exited or paused the guest, the firmware found nothing to boot) makes expect() fail
-at once instead of waiting for its timeout."""
+at once instead of waiting for its timeout. Death is read from QEMU's own output (merged into
+the console stream) rather than from QMP events: every pause a broken accelerator causes is
+announced there, and it needs no socket and no second reader per boot."""
 
 from __future__ import annotations
 
@@ -267,7 +269,11 @@ class VM:
                     break
                 self.accel = "tcg"
                 self._pos = len(self.console)  # a new boot: expect() starts over
-                self.proc = self._spawn()
+                try:
+                    self.proc = self._spawn()
+                except OSError as err:
+                    self._dead = f"QEMU did not start again under TCG ({err})"
+                    break
                 self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()
@@ -277,13 +283,12 @@ class VM:
         stream = proc.stderr if self.opts.interactive else proc.stdout
         assert stream is not None
         fd = stream.fileno()
-        seen = bytearray()  # this process's output, for the failure patterns
+        recent = b""  # the end of this process's output: a message split across reads
         while True:
             chunk = os.read(fd, 65536)
             if not chunk:
                 return None
-            scan_from = max(0, len(seen) - 256)  # a message split across reads still matches
-            seen.extend(chunk)
+            recent = recent[-256:] + chunk
             if self.opts.interactive:
                 sys.stderr.buffer.write(chunk)
                 sys.stderr.buffer.flush()
@@ -302,7 +307,7 @@ class VM:
                         self._dead = ("the firmware found nothing to boot ("
                                       f"{_line(m.group(0))})")
                     self._cond.notify_all()
-            failure = KVM_FAILURE.search(seen, scan_from)
+            failure = KVM_FAILURE.search(recent) if self.accel == "kvm" else None
             if failure:
                 return _line(failure.group(0))
 
