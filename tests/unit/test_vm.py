@@ -62,6 +62,8 @@ if mode == "exits":
     sys.exit(1)
 out("BdsDxe: starting Boot0001\\r\\nLinux version 6.1.0\\r\\n\\r\\n"
     "Debian GNU/Linux 12 particle ttyS0\\r\\n\\r\\nparticle login: ")
+if os.environ.get("STANDIN_POWER_OFF"):
+    sys.exit(0)  # as after Ctrl-a x, or a guest that powers off
 stay()
 """
 
@@ -128,6 +130,18 @@ def test_kvm_error_during_boot_restarts_under_tcg(image: Path, standin: Path) ->
         in proc.stderr
     assert "found 'login:'" in proc.stderr
     assert accels(standin) == ["probe:kvm", "boot:kvm", "boot:tcg"]
+
+
+def test_interactive_boot_restarts_under_tcg(image: Path, standin: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --expect the terminal is the console; QEMU's messages are still watched."""
+    monkeypatch.setenv("STANDIN_POWER_OFF", "1")
+    proc = particle_qemu(image, "kvm-fails-at-boot")
+    assert proc.returncode == 0, proc.stderr
+    assert "particle login: " in proc.stdout
+    assert proc.stderr.count("restarting under TCG") == 1, proc.stderr
+    assert accels(standin) == ["probe:kvm", "boot:kvm", "boot:tcg"]
+    assert "-serial mon:stdio" in standin.read_text()
 
 
 def test_kvm_that_fails_the_probe_boots_under_tcg(image: Path, standin: Path) -> None:
