@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 
@@ -136,13 +136,18 @@ def build(spec: Path | None, profiles: tuple[str, ...], overrides: tuple[str, ..
               help="Enforce Secure Boot, with the image's signing certificate as PK, KEK, db.")
 @click.option("--certificate", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Owner certificate to enroll (default: the one that signed the image).")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
+              show_default=True, envvar="PARTICLE_ACCEL",
+              help="auto: KVM when it really runs the firmware here, else TCG (also when KVM "
+                   "fails during the boot); kvm: fail at once if it does not work.")
 def qemu(image: Path | None, snapshot: bool, timeout: float, expect: str | None,
-         memory: int, secure_boot: bool, certificate: Path | None) -> None:
-    """Boot a built image in QEMU with UEFI and a serial console."""
+         memory: int, secure_boot: bool, certificate: Path | None, accel: str) -> None:
+    """Boot a built image in QEMU with UEFI and a serial console. With --expect, exits
+    non-zero as soon as the guest is known dead (QEMU stopped it, nothing to boot)."""
     import tempfile
 
     from .secureboot import firmware_vars
-    from .vm import boot
+    from .vm import Accel, boot
 
     disk = find_image(image)
     with tempfile.TemporaryDirectory(prefix="particle-qemu-") as tmp:
@@ -150,7 +155,8 @@ def qemu(image: Path | None, snapshot: bool, timeout: float, expect: str | None,
         vars_file = firmware_vars(disk, secure_boot=secure_boot, certificate=certificate,
                                   directory=Path(tmp) if snapshot else disk.parent)
         sys.exit(boot(disk, snapshot=snapshot, timeout=timeout, expect=expect,
-                      memory_mib=memory, vars_file=vars_file, secure_boot=secure_boot))
+                      memory_mib=memory, vars_file=vars_file, secure_boot=secure_boot,
+                      accel=cast(Accel, accel)))
 
 
 @cli.command()

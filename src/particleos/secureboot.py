@@ -10,6 +10,7 @@ So a signed image needs the certificate in db even when Secure Boot is not enfor
 
 from __future__ import annotations
 
+import os
 import struct
 import tempfile
 from pathlib import Path
@@ -22,26 +23,13 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from . import runner
 from .disk import PartType, read_table
 from .errors import ParticleError
-from .keys import owner_guid
+from .firmware import find_ovmf
+from .keys import fingerprint, owner_guid
 from .tools import ToolsTree
 
-SECBOOT_CODE: Final = {"OVMF_CODE_4M.fd": "OVMF_CODE_4M.secboot.fd",
-                       "OVMF_CODE.fd": "OVMF_CODE.secboot.fd"}
 _SECTOR: Final = 512
 _IMAGE_DIRECTORY_ENTRY_SECURITY: Final = 4
 _WIN_CERT_TYPE_PKCS_SIGNED_DATA: Final = 0x0002
-
-
-def secboot_code(code: Path) -> Path:
-    """The SMM-protected OVMF build that enforces Secure Boot, next to the plain one."""
-    name = SECBOOT_CODE.get(code.name)
-    path = code.with_name(name) if name else None
-    if path is None or not path.exists():
-        raise ParticleError(
-            f"no Secure Boot OVMF build next to {code} (the Debian package ovmf ships "
-            "OVMF_CODE_4M.secboot.fd)"
-        )
-    return path
 
 
 def enroll_vars(
@@ -61,7 +49,11 @@ def enroll_vars(
         if enforce:
             argv += ["--set-pk", guid, pem, "--add-kek", guid, pem, "--secure-boot"]
         tools.run(argv, binds={template.resolve().parent, Path(tmpdir)}, what="virt-fw-vars")
-        out.write_bytes(tmp_out.read_bytes())
+        staged = out.with_name(f".{out.name}.tmp")  # atomic: a store is used many times
+        staged.write_bytes(tmp_out.read_bytes())
+        with staged.open("rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(staged, out)
     return out
 
 
@@ -111,9 +103,6 @@ def firmware_vars(
     an unsigned image; for a signed one the owner's certificate in db, and with `secure_boot`
     enrolled as PK/KEK/db with Secure Boot enforced. The store lives in `directory`, named by
     certificate fingerprint and mode, so a rotated key never meets a stale store."""
-    from .keys import fingerprint
-    from .vm import find_ovmf
-
     if certificate is not None:
         try:
             cert = x509.load_pem_x509_certificate(certificate.read_bytes())

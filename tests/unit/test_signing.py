@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from particleos import openpgp, secureboot, signing, vm
+from particleos import firmware, openpgp, secureboot, signing, vm
 from particleos.builder import trust
 from particleos.builder.context import BuildContext
 from particleos.builder.updates import update_definitions
@@ -251,14 +251,14 @@ def test_signed_transfer_files_verify_and_carry_the_signature_partition(
     assert texts and all("Verify=no\n" in t and "verity-sig" not in t for t in texts)
 
 
-def test_secure_boot_qemu_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("PARTICLE_ACCEL", "tcg")
-    code, _ = vm.find_ovmf()
-    argv = vm.qemu_argv(tmp_path / "d.raw", vm.VMOptions(secure_boot=True), tmp_path / "v.fd")
+def test_secure_boot_qemu_command_line(tmp_path: Path) -> None:
+    code, _ = firmware.find_ovmf()
+    argv = vm.qemu_argv(tmp_path / "d.raw", vm.VMOptions(secure_boot=True), tmp_path / "v.fd",
+                        "tcg")
     assert argv[argv.index("-machine") + 1] == "q35,smm=on"
-    assert f"if=pflash,format=raw,unit=0,readonly=on,file={secureboot.secboot_code(code)}" in argv
+    assert f"if=pflash,format=raw,unit=0,readonly=on,file={firmware.secboot_code(code)}" in argv
     assert "driver=cfi.pflash01,property=secure,value=on" in argv
-    plain = vm.qemu_argv(tmp_path / "d.raw", vm.VMOptions(), tmp_path / "v.fd")
+    plain = vm.qemu_argv(tmp_path / "d.raw", vm.VMOptions(), tmp_path / "v.fd", "tcg")
     assert plain[plain.index("-machine") + 1] == "q35"
     assert not any("secboot" in a or "cfi.pflash01" in a for a in plain)
 
@@ -267,7 +267,7 @@ def test_secure_boot_qemu_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path
                     reason="tools tree not built yet")
 def test_enrolled_variables_hold_the_owner_certificate(tmp_path: Path, pair: KeyPair) -> None:
     tools = ToolsTree()
-    _, template = vm.find_ovmf()
+    _, template = firmware.find_ovmf()
     enforced = secureboot.enroll_vars(tools, template, pair.certificate, tmp_path / "sb.fd",
                                       enforce=True)
     setup = secureboot.enroll_vars(tools, template, pair.certificate, tmp_path / "db.fd",
