@@ -211,6 +211,36 @@ def publish(build_dir: Path, update_dir: Path, keep: int | None, version: str | 
 
 
 @cli.command()
+@click.argument("old", type=click.Path(path_type=Path, exists=True))
+@click.argument("new", type=click.Path(path_type=Path, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the changes as JSON.")
+def diff(old: Path, new: Path, as_json: bool) -> None:
+    """What changes from build OLD to build NEW: packages added, removed, upgraded and
+    downgraded, the kernel, the update's download size. Each is a build output directory
+    (its newest version) or a `*.manifest.json`."""
+    from .machine.changes import compare
+
+    changes = compare(_manifest(old), _manifest(new))
+    click.echo(json.dumps(changes.to_json(), indent=2) if as_json else changes.render())
+
+
+def _manifest(path: Path) -> Any:
+    """The manifest of a build: a manifest file, or the newest version in a build directory."""
+    from .formats import Manifest, build_manifests
+    from .machine.versions import version_key
+
+    if path.is_file():
+        try:
+            return Manifest.read(path)
+        except (OSError, ValueError) as err:
+            raise ParticleError(f"{path}: not a build manifest ({err})") from None
+    found = build_manifests(path)
+    if not found:
+        raise ParticleError(f"{path}: no build here (no *.manifest.json); run `particle build`")
+    return max((m for _, m in found), key=lambda m: version_key(m.version))
+
+
+@cli.command()
 @click.argument("spec", required=False, type=click.Path(path_type=Path))
 @click.option("--all", "everything", is_flag=True,
               help="Also remove the caches (trees, tools tree, apt archives).")
