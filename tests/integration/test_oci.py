@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from particleos.errors import ParticleError
 from particleos.formats import format_sha256sums, parse_sha256sums, read_sha256sums
 from particleos.oci import artifact
 from particleos.oci.registry import Credentials, Reference, Registry, find_credentials
+
+from .conftest import BuildFn
 
 REGISTRY_BIN = shutil.which("docker-registry")
 USER, PASSWORD = "fleet", "s3cret-pass"
@@ -240,3 +243,58 @@ def test_references_and_tags() -> None:
             Reference.parse(bad)
     assert artifact.version_tag("2.0~rc1") == "2.0_rc1"
     assert artifact.version_tag("1.0") == "1.0"
+
+
+def podman(storage: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """podman with its own storage under the test's directory. runc and cgroupfs: crun refuses
+    the hybrid cgroup v1 hierarchy of containers in containers, and runc runs with either
+    hierarchy; the explicit ulimits avoid raising limits beyond what an unprivileged
+    container host allows."""
+    return subprocess.run(
+        ["podman", "--root", str(storage / "root"), "--runroot", str(storage / "run"),
+         "--storage-driver", "vfs", "--runtime", "runc", "--cgroup-manager", "cgroupfs",
+         *args], capture_output=True, text=True, check=False, timeout=600)
+
+
+@pytest.mark.slow
+@needs_registry
+@pytest.mark.skipif(shutil.which("podman") is None or shutil.which("skopeo") is None,
+                    reason="podman and skopeo are not installed (scripts/setup)")
+def test_export_runs_with_podman_and_pushes(build_image: BuildFn, tmp_path: Path,
+                                            open_registry: RegistryServer) -> None:
+    built = build_image("bootcheck", "1.0.0")
+    layout = tmp_path / "image"
+    target = f"{open_registry.host}/fleet/os-container"
+    proc = run_cli("oci", "export", str(built.disk.parent), "--output", str(layout),
+                   "--to", target, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["pushed"]["tags"] == ["1.0.0", "latest"]
+
+    # podman runs a program of the image's /usr, with the factory /etc in place.
+    # (podman refuses a run root path longer than 50 characters: a short one under /tmp.)
+    storage = Path(tempfile.mkdtemp(prefix="particle-podman-"))
+    try:
+        run = podman(storage, "run", "--rm", "--network=none",
+                     "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
+                     f"oci:{layout}:1.0.0", "sh", "-c",
+                     "cat /usr/lib/os-release && stat -c '%U %a' /etc/shadow")
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+    assert run.returncode == 0, run.stderr
+    assert 'IMAGE_VERSION="1.0.0"' in run.stdout and "PARTICLE_ID=" in run.stdout
+    assert "root 640" in run.stdout
+
+    # The registry has the same image (same manifest digest), as skopeo sees it.
+    inspect = subprocess.run(["skopeo", "inspect", "--tls-verify=false",
+                              f"docker://{target}:1.0.0"], capture_output=True, text=True,
+                             check=False, timeout=120)
+    assert inspect.returncode == 0, inspect.stderr
+    info = json.loads(inspect.stdout)
+    assert info["Digest"] == result["digest"] and info["Architecture"] == "amd64"
+
+    # A second export of the same build is the same image: nothing to upload.
+    proc = run_cli("oci", "export", str(built.disk.parent), "--to", target, "--json")
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads(proc.stdout)
+    assert again["digest"] == result["digest"] and again["pushed"]["uploaded_blobs"] == 0

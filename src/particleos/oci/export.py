@@ -79,6 +79,7 @@ def export(build_dir: Path, *, version: str | None = None, output: Path | None =
         with ui.step(f"system tree of {m.id} {m.version} from {built.usr_image.name}"):
             extract_usr(tools, built.usr_image, built.info.filesystem, root / "usr")
             root_from_usr(root / "usr", root)
+            _settle_times(root)
         with ui.step("layer (tar + gzip)"):
             layer, diff_id, result.tree_bytes = _layer(root, work / "layer.tar.gz")
         result.layer_bytes = layer.size
@@ -107,6 +108,15 @@ def export(build_dir: Path, *, version: str | None = None, output: Path | None =
             _write_layout(output, [config, layer], manifest, result.tags[0])
             result.output = str(output)
     return result
+
+
+def _settle_times(root: Path) -> None:
+    """The entries made here (mount points, links) get the time of /usr, not of this run: the
+    same build then gives the same layer, and pushing it again uploads nothing."""
+    stamp = (root / "usr").stat().st_mtime_ns
+    for entry in [root, *root.iterdir()]:
+        if entry.name not in ("usr", "etc", "var"):
+            os.utime(entry, ns=(stamp, stamp), follow_symlinks=False)
 
 
 def _layer(root: Path, dest: Path) -> tuple[Blob, str, int]:
