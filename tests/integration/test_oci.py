@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,10 +54,9 @@ class RegistryServer:
         return {p.name for p in root.glob("*/*") if (p / "data").is_file()}
 
 
-def start_registry(tmp: Path, *, htpasswd: bool) -> Iterator[RegistryServer]:
+def start_registry(tmp: Path, *, htpasswd: bool, auth: str = "") -> Iterator[RegistryServer]:
     assert REGISTRY_BIN is not None
     tmp.mkdir(parents=True)
-    auth = ""
     if htpasswd:
         passwd = tmp / "htpasswd"
         out = subprocess.run(["htpasswd", "-Bbn", USER, PASSWORD], check=True,
@@ -298,3 +298,114 @@ def test_export_runs_with_podman_and_pushes(build_image: BuildFn, tmp_path: Path
     assert proc.returncode == 0, proc.stderr
     again = json.loads(proc.stdout)
     assert again["digest"] == result["digest"] and again["pushed"]["uploaded_blobs"] == 0
+
+
+class TokenService:
+    """The token server of the distribution spec's Bearer flow: checks the user's password
+    and answers an ES256 JWT granting what was asked, signed by a key whose self-signed
+    certificate the registry trusts (`auth: token` with `rootcertbundle`)."""
+
+    def __init__(self, tmp: Path) -> None:
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "particle test tokens")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(self.key.public_key()).serial_number(1)
+                .not_valid_before(now - datetime.timedelta(days=1))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(self.key, hashes.SHA256()))
+        self.cert_der = cert.public_bytes(serialization.Encoding.DER)
+        self.bundle = tmp / "token-ca.pem"
+        self.bundle.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        self.scopes: list[str] = []
+        self.server = self._serve()
+        self.realm = f"http://127.0.0.1:{self.server.server_address[1]}/token"
+
+    def _token(self, scope: str) -> str:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+        _, name, actions = scope.split(":")
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "ES256", "x5c": [base64.b64encode(self.cert_der).decode()]}
+        claims = {"iss": "particle-test-issuer", "sub": USER, "aud": "particle-test",
+                  "exp": now + 300, "nbf": now - 10, "iat": now, "jti": os.urandom(8).hex(),
+                  "access": [{"type": "repository", "name": name,
+                              "actions": actions.split(",")}]}
+        signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+        r, s = decode_dss_signature(self.key.sign(signing_input.encode(),
+                                                  ec.ECDSA(hashes.SHA256())))
+        return f"{signing_input}.{b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+    def _serve(self) -> Any:
+        import http.server
+        import threading
+        import urllib.parse
+
+        service = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+                if self.headers.get("Authorization") != expected:
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                scope = query["scope"][0]
+                service.scopes.append(scope)
+                body = json.dumps({"token": service._token(scope)}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+
+@needs_registry
+def test_push_with_bearer_tokens(tmp_path: Path) -> None:
+    tokens = TokenService(tmp_path)
+    auth = (f"auth:\n  token:\n    realm: {tokens.realm}\n    service: particle-test\n"
+            f"    issuer: particle-test-issuer\n    rootcertbundle: {tokens.bundle}\n")
+    try:
+        server = start_registry(tmp_path / "reg", htpasswd=False, auth=auth)
+        registry = next(server)
+        build = fake_build(tmp_path / "out", "3", usr=b"usr three", uki=b"MZ three")
+        target = f"{registry.host}/fleet/tokens"
+        proc = run_cli("push", str(build), target, "--username", USER, "--password-stdin",
+                       "--json", stdin="wrong\n")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert f"refused the credentials of '{USER}'" in proc.stderr
+        proc = run_cli("push", str(build), target, "--username", USER, "--password-stdin",
+                       "--json", stdin=PASSWORD + "\n")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["uploaded_blobs"] == 6
+        assert tokens.scopes == ["repository:fleet/tokens:pull,push"]
+        # Without credentials the registry still asks for a token: anonymous is refused.
+        with pytest.raises(ParticleError, match="refused anonymous access"):
+            Registry(Reference.parse(target)).tags()
+        creds = Credentials(USER, PASSWORD, "test")
+        assert set(Registry(Reference.parse(target), credentials=creds).tags()) == {"3",
+                                                                                   "latest"}
+        next(server, None)
+    finally:
+        tokens.server.shutdown()
