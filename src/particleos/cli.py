@@ -197,6 +197,12 @@ def publish(build_dir: Path, update_dir: Path, keep: int | None, version: str | 
     from .openpgp import signer
     from .update.publish import publish as run_publish
 
+    if str(update_dir).startswith("oci:"):
+        from .errors import ParticleError
+
+        raise ParticleError("publish writes a static update directory, not a registry",
+                            hint=f"particle push {build_dir} "
+                                 f"{str(update_dir).removeprefix('oci:').lstrip('/')}")
     if openpgp_key is None and any(build_dir.glob("*.usr-verity-sig.raw")):
         ui.info("warning: the build is signed but SHA256SUMS will not be: machines that verify "
                 "updates will refuse it (pass --openpgp-key)")

@@ -409,3 +409,11 @@ def test_push_with_bearer_tokens(tmp_path: Path) -> None:
         next(server, None)
     finally:
         tokens.server.shutdown()
+
+
+def test_publish_to_a_registry_names_push(tmp_path: Path) -> None:
+    build = fake_build(tmp_path / "out", "4", usr=b"usr", uki=b"MZ")
+    proc = run_cli("publish", str(build), "oci://127.0.0.1:5000/fleet/os")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"hint: particle push {build} 127.0.0.1:5000/fleet/os" in proc.stderr
+    assert not (Path.cwd() / "oci:").exists()
