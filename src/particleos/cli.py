@@ -197,6 +197,12 @@ def publish(build_dir: Path, update_dir: Path, keep: int | None, version: str | 
     from .openpgp import signer
     from .update.publish import publish as run_publish
 
+    if str(update_dir).startswith("oci:"):
+        from .errors import ParticleError
+
+        raise ParticleError("publish writes a static update directory, not a registry",
+                            hint=f"particle push {build_dir} "
+                                 f"{str(update_dir).removeprefix('oci:').lstrip('/')}")
     if openpgp_key is None and any(build_dir.glob("*.usr-verity-sig.raw")):
         ui.info("warning: the build is signed but SHA256SUMS will not be: machines that verify "
                 "updates will refuse it (pass --openpgp-key)")
@@ -208,6 +214,67 @@ def publish(build_dir: Path, update_dir: Path, keep: int | None, version: str | 
     if result.removed_versions:
         click.echo(f"  removed: {', '.join(result.removed_versions)}")
     click.echo(f"  versions: {', '.join(result.versions)}")
+
+
+def registry_options(f: Any) -> Any:
+    f = click.option("--insecure", is_flag=True,
+                     help="Plain http to the registry (always so for localhost/127.0.0.1).")(f)
+    f = click.option("--password-stdin", is_flag=True,
+                     help="Read the password for --username from stdin.")(f)
+    f = click.option("--username", default=None,
+                     help="Registry user (default: the credentials in auth.json/config.json).")(f)
+    return f
+
+
+def registry_credentials(target: str, username: str | None, password_stdin: bool) -> Any:
+    """Explicit --username/--password-stdin, else the container tools' auth files."""
+    from .errors import ParticleError
+    from .oci.registry import Credentials, Reference, find_credentials
+
+    if password_stdin and not username:
+        raise ParticleError("--password-stdin needs --username")
+    if username:
+        if not password_stdin:
+            raise ParticleError("--username needs --password-stdin (the password is never an "
+                                "argument: other users could read it)")
+        return Credentials(username, sys.stdin.readline().rstrip("\n"), "--password-stdin")
+    return find_credentials(Reference.parse(target).registry)
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("target", metavar="REGISTRY/REPO[:TAG]")
+@click.option("--version", "version", default=None,
+              help="Version to push (default: the newest one in BUILD_DIR).")
+@click.option("--openpgp-key", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              envvar="PARTICLE_OPENPGP_KEY",
+              help="Sign the version's SHA256SUMS with this key ([signing] openpgp_key).")
+@registry_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def push(build_dir: Path, target: str, version: str | None, openpgp_key: Path | None,
+         username: str | None, password_stdin: bool, insecure: bool, as_json: bool) -> None:
+    """Upload a built version to an OCI registry as an artifact, tagged with its version and
+    TAG (default: latest). Blobs the registry already has are not uploaded again."""
+    from .oci.artifact import push as run_push
+    from .openpgp import signer
+
+    if as_json:
+        ui.quiet = True
+    if openpgp_key is None and any(build_dir.glob("*.usr-verity-sig.raw")):
+        ui.info("warning: the build is signed but SHA256SUMS will not be: machines that verify "
+                "updates will refuse it (pass --openpgp-key)")
+    result = run_push(build_dir, target, version=version,
+                      sign=signer(openpgp_key) if openpgp_key else None,
+                      credentials=registry_credentials(target, username, password_stdin),
+                      insecure=insecure)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    click.echo(f"pushed {result.image_id} {result.version} to {result.repository} "
+               f"({', '.join(result.tags)})")
+    click.echo(f"  uploaded: {len(result.uploaded)} blobs, {_human(result.uploaded_bytes)}; "
+               f"already there: {len(result.skipped)} blobs, {_human(result.skipped_bytes)}")
+    click.echo(f"  manifest: {result.digest}")
 
 
 @cli.command()
@@ -259,8 +326,10 @@ def clean(spec: Path | None, everything: bool) -> None:
 
 def _add_ext_commands() -> None:
     from .ext.cli import ext
+    from .oci.cli import oci
 
     cli.add_command(ext)
+    cli.add_command(oci)
 
 
 _add_ext_commands()
