@@ -23,7 +23,8 @@ class BuildContext:
     # Filled by the stages, in order.
     tree: Path | None = None  # the root tree being built (work copy)
     tree_key: str = ""  # cache key of the bootstrapped tree
-    cache_hit: bool = False
+    cache_hit: bool = False  # the whole package tree came from the cache
+    tree_path: str = ""  # how bootstrap made the tree: which cached layers it reused
     kernel_version: str = ""
     usr_image: Path | None = None
     verity_image: Path | None = None

@@ -58,6 +58,7 @@ class BuildResult:
     root_hash: str
     kernel: str
     cache_hit: bool
+    tree_path: str
     sizes: dict[str, int]
     timings: dict[str, float]
 
@@ -71,6 +72,7 @@ class BuildResult:
             "root_hash": self.root_hash,
             "kernel": self.kernel,
             "cache_hit": self.cache_hit,
+            "tree_path": self.tree_path,
             "sizes": self.sizes,
             "timings": self.timings,
         }
@@ -109,7 +111,7 @@ def build(spec: Spec, output_dir: Path, version: str | None = None) -> BuildResu
         id=ctx.image_id, version=version, output_dir=output_dir,
         disk=output_dir / ctx.disk.name, artifacts=ctx.artifacts,
         root_hash=ctx.root_hash.hex(), kernel=ctx.kernel_version, cache_hit=ctx.cache_hit,
-        sizes=ctx.sizes, timings=timings,
+        tree_path=ctx.tree_path, sizes=ctx.sizes, timings=timings,
     )
 
 
