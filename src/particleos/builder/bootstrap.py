@@ -197,12 +197,18 @@ def bootstrap(ctx: BuildContext) -> None:
     ui.info(f"  bootstrap: {path}")
 
 
+def base_key(spec: Spec) -> str:
+    """What decides the base besides the mirror's state (which the cache name appends)."""
+    s = spec.system
+    return _digest({"v": BOOTSTRAP_VERSION, "release": s.release, "mirror": s.mirror,
+                    "arch": s.architecture, "packages": base_packages(spec),
+                    "dpkg": DPKG_EXCLUDES}, 16)
+
+
 def _ensure_base(ctx: BuildContext) -> tuple[Path, str]:
     """Layer 1 for this spec: (its cache directory, "cached" | "made" | "offline")."""
     s = ctx.spec.system
-    static = _digest({"v": BOOTSTRAP_VERSION, "release": s.release, "mirror": s.mirror,
-                      "arch": s.architecture, "packages": base_packages(ctx.spec),
-                      "dpkg": DPKG_EXCLUDES}, 16)
+    static = base_key(ctx.spec)
     bases = cache_root() / "bases"
     state = mirror_state(s.mirror, s.release, _arch(ctx.spec))
     if state is None:
