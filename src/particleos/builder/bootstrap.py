@@ -77,6 +77,9 @@ APT_ENV = {
 }
 APT = ["apt-get", "-y", "-o", "Dpkg::Use-Pty=0", "-o", "APT::Sandbox::User=root"]
 MIRROR_TIMEOUT = 15.0
+# dracut's default here is `gzip -9` (the tree has no zstd): 11 s for our 56 MB initrd, of
+# which 7 s compressing; -6 makes the same size (24 MB) in 6.6 s. -n: no name or time inside.
+DRACUT_COMPRESS = "gzip -n -6"
 
 
 def _arch(spec: Spec) -> str:
@@ -188,7 +191,7 @@ def bootstrap(ctx: BuildContext) -> None:
     ctx.kernel_version = kernels[-1]
     skeleton = skeleton_files()
     _write_files(ctx.tree, skeleton)
-    ctx.tree_key = _digest({"tree": tree_key,
+    ctx.tree_key = _digest({"tree": tree_key, "compress": DRACUT_COMPRESS,
                             "skeleton": {k: hashlib.sha256(v).hexdigest()
                                          for k, v in skeleton.items()}})
     if not _initrds(ctx, kernels):
@@ -312,8 +315,8 @@ def _initrds(ctx: BuildContext, kernels: list[str]) -> bool:
     with ui.step("Making the initrd (dracut)"), atomic_dir(cached) as tmp:
         tmp.mkdir()
         for k, n in zip(kernels, names, strict=True):
-            run_in_root(ctx.tree, ["dracut", "-q", "--force", "--kver", k, f"/boot/{n}"],
-                        what=f"dracut {k}")
+            run_in_root(ctx.tree, ["dracut", "-q", "--force", "--compress", DRACUT_COMPRESS,
+                                   "--kver", k, f"/boot/{n}"], what=f"dracut {k}")
             runner.run(["cp", str(ctx.tree / "boot" / n), str(tmp / n)], what="copy of initrd")
     return False
 

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Layered tree cache benchmark (issue 9, item 6): a cold build (no base, tree or initrd
+cached; apt archives and tools tree kept) with where its time goes, then the rebuilds the
+layers are for: unchanged, one package added, one package removed, initrd only (what a change
+of our dracut module costs), with their ratios.
+
+    .venv/bin/python benchmarks/layers.py [SPEC] [--package htop] [--mkosi-incremental 31.8]
+
+`--mkosi-incremental` is mkosi 25.3's incremental rebuild of the same package set in seconds
+(measured separately; the default is the issue's figure, 31.8 s on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from particleos.builder import BuildResult, build
+from particleos.cache import cache_root, remove_tree
+from particleos.spec import load_spec
+from particleos.ui import ui
+
+REPO = Path(__file__).resolve().parent.parent
+# Sub-steps of bootstrap, by the start of their ui.step title.
+PARTS = {
+    "Bootstrapping the base": "mmdebstrap (base)",
+    "Installing": "apt",
+    "Making the initrd": "dracut",
+}
+
+
+def timed(spec_path: Path, out: Path, version: str, packages: list[str]
+          ) -> tuple[float, BuildResult, dict[str, float]]:
+    spec = load_spec(spec_path, overrides=[f"system.version={version}",
+                                           f"packages.install={json.dumps(packages)}"])
+    mark = len(ui.timings)
+    start = time.monotonic()
+    result = build(spec, out)
+    total = time.monotonic() - start
+    parts: dict[str, float] = {}
+    for title, seconds in ui.timings[mark:]:
+        for prefix, name in PARTS.items():
+            if title.startswith(prefix):
+                parts[name] = parts.get(name, 0.0) + seconds
+    return total, result, parts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("spec", nargs="?", default=str(REPO / "examples/minimal"))
+    parser.add_argument("--package", default="htop", help="the package added")
+    parser.add_argument("--mkosi-incremental", type=float, default=31.8,
+                        help="mkosi's incremental no-change rebuild of the same set (s)")
+    args = parser.parse_args()
+    ui.quiet = True
+    spec = Path(args.spec)
+    packages = list(load_spec(spec).packages.install)
+    if not packages:
+        parser.error("the spec installs no extra package: nothing to remove for the benchmark")
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        # A private cache: "cold" never deletes a base or tree other builds are using. The
+        # tools tree and the apt archives are shared (downloads are not what this measures).
+        shared = cache_root()
+        private = Path(tmp) / "cache"
+        private.mkdir()
+        for part in ("tools", "apt-archives"):
+            (shared / part).mkdir(parents=True, exist_ok=True)
+            (private / part).symlink_to(shared / part)
+        os.environ["PARTICLE_CACHE_DIR"] = str(private)
+        out = Path(tmp)
+        cold, r, parts = timed(spec, out / "cold", "1", packages)
+        n = len(r.artifacts)
+        same, r_same, _ = timed(spec, out / "same", "2", packages)
+        plus, r_plus, p_plus = timed(spec, out / "plus", "3", [*packages, args.package])
+        minus, r_minus, p_minus = timed(spec, out / "minus", "4", packages[1:])
+        remove_tree(private / "initrds")
+        initrd, r_initrd, _ = timed(spec, out / "initrd", "5", packages)
+        erofs = r.timings.get("usr file system image", 0.0)
+        rest = cold - sum(parts.values()) - erofs
+        print(f"cold build (nothing cached):        {cold:6.1f} s   [{r.tree_path}]")
+        for name, seconds in [*parts.items(), ("mkfs.erofs (usr image)", erofs),
+                              ("everything else", rest)]:
+            print(f"    {name:30s} {seconds:6.1f} s  ({seconds / cold:4.0%})")
+        print(f"no-change rebuild:                  {same:6.1f} s   [{r_same.tree_path}]  "
+              f"{same / cold:.2f}x cold, {same / args.mkosi_incremental:.2f}x mkosi's "
+              f"incremental ({args.mkosi_incremental:.1f} s)")
+        print(f"one package added ({args.package}):         {plus:6.1f} s   "
+              f"[{r_plus.tree_path}]  {plus / cold:.2f}x cold  "
+              f"(apt {p_plus.get('apt', 0):.1f} s, "
+              f"dracut {p_plus.get('dracut', 0):.1f} s)")
+        print(f"one package removed ({packages[0]}):        {minus:6.1f} s   "
+              f"[{r_minus.tree_path}]  {minus / cold:.2f}x cold  "
+              f"(apt {p_minus.get('apt', 0):.1f} s, "
+              f"dracut {p_minus.get('dracut', 0):.1f} s)")
+        print(f"initrd only (dracut module edited): {initrd:6.1f} s   "
+              f"[{r_initrd.tree_path}]  {initrd / cold:.2f}x cold")
+        print(f"({n} artifacts per build; packages: {len(packages)} extra)")
+
+
+if __name__ == "__main__":
+    main()
