@@ -137,9 +137,12 @@ def mirror_state(mirror: str, release: str, arch: str) -> str | None:
         try:
             with urllib.request.urlopen(url, timeout=MIRROR_TIMEOUT) as resp:
                 text = resp.read().decode(errors="replace")
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except urllib.error.HTTPError as exc:  # reached, but no such file: try the next
             ui.debug(f"mirror state: {url}: {exc}")
             continue
+        except (urllib.error.URLError, OSError, ValueError) as exc:  # not reachable at all
+            ui.debug(f"mirror state: {url}: {exc}")
+            return None
         return release_state(text, arch)
     return None
 
