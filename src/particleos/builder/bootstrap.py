@@ -173,7 +173,7 @@ def bootstrap(ctx: BuildContext) -> None:
     if (cached / "usr").is_dir():
         ctx.cache_hit = True
         path = "tree cache hit"
-        ui.info(f"  bootstrap: tree cache hit ({cached.name})")
+        ui.debug(f"bootstrap: tree {cached}")
     else:
         _make_tree(ctx, base, cached, extras, remove)
         what = f"{len(extras)} package{'s' if len(extras) != 1 else ''} with apt"
