@@ -116,8 +116,8 @@ def build(spec: Path | None, profiles: tuple[str, ...], overrides: tuple[str, ..
         click.echo(json.dumps(result.to_json(), indent=2))
         return
     total = sum(result.timings.values())
-    click.echo(f"built {result.id} {result.version} in {total:.0f} s"
-               f"{' (bootstrap cache hit)' if result.cache_hit else ''}")
+    click.echo(f"built {result.id} {result.version} in {total:.0f} s")
+    click.echo(f"  bootstrap:  {result.tree_path}")
     click.echo(f"  disk image: {result.disk}")
     click.echo(f"  root hash:  {result.root_hash}")
     for name in sorted(result.artifacts):

@@ -200,6 +200,7 @@ class Manifest:
     root_hash: str
     spec_digest: str = ""
     tree_key: str = ""
+    tree_path: str = ""  # how the package tree was made (cache hit, layered, cold)
     mirror: str = ""
     sizes: dict[str, int] = field(default_factory=dict)
     packages: dict[str, str] = field(default_factory=dict)

@@ -48,6 +48,7 @@ def artifacts(ctx: BuildContext) -> None:
         root_hash=ctx.root_hash.hex(),
         spec_digest=spec_digest(ctx.spec),
         tree_key=ctx.tree_key,
+        tree_path=ctx.tree_path,
         mirror=ctx.spec.system.mirror,
         sizes={name: path.stat().st_size for name, path in files.items()},
         packages=installed_packages(ctx.tree),

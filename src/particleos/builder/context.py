@@ -26,7 +26,8 @@ class BuildContext:
     # Given by the stages, in order (the stage named in each comment).
     tree: Path | None = None  # bootstrap: the root tree being built (work copy)
     tree_key: str = ""  # bootstrap: cache key of the bootstrapped tree
-    cache_hit: bool = False  # bootstrap
+    cache_hit: bool = False  # bootstrap: the whole package tree came from the cache
+    tree_path: str = ""  # bootstrap: how it made the tree (which cached layers it reused)
     kernel_version: str = ""  # bootstrap
     bootloader: Path | None = None  # trust: systemd-boot for the ESP (signed, or the tree's own)
     vmlinuz: Path | None = None  # boot-files: the kernel, copied out of the tree's /boot

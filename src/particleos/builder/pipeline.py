@@ -38,7 +38,8 @@ from .usrimage import usr_image
 # Given by the caller before the first stage.
 INPUTS = frozenset({"spec", "version", "output_dir", "work_dir", "tools", "staging"})
 # What build() reads into the BuildResult once the last stage ran.
-RESULTS = frozenset({"disk", "artifacts", "root_hash", "kernel_version", "cache_hit", "sizes"})
+RESULTS = frozenset({"disk", "artifacts", "root_hash", "kernel_version", "cache_hit", "tree_path",
+                     "sizes"})
 FIELDS = frozenset(f.name for f in fields(BuildContext)) | {"staging"}
 
 
@@ -62,7 +63,7 @@ def stage(name: str, title: str, run: Callable[[BuildContext], None], *, needs: 
 
 STAGES: list[Stage] = [
     stage("bootstrap", "bootstrap: Debian tree (cached)", bootstrap,
-          gives="tree tree_key cache_hit kernel_version"),
+          gives="tree tree_key cache_hit tree_path kernel_version"),
     stage("configure", "configure: users, services, files", configure, needs="tree"),
     stage("trust", "trust anchors: certificate, update keyring, signed boot loader",
           install_trust, needs="tree", gives="bootloader"),
@@ -91,8 +92,8 @@ STAGES: list[Stage] = [
     stage("extensions", "extensions: sysext images from the spec", extensions,
           needs="tree kernel_version", gives="extra_artifacts extensions_info"),
     stage("artifacts", "update artifacts and SHA256SUMS", artifacts,
-          needs="tree tree_key kernel_version root_hash usr_image verity_image verity_sig "
-                "boot_uki disk extra_artifacts extensions_info",
+          needs="tree tree_key tree_path kernel_version root_hash usr_image verity_image "
+                "verity_sig boot_uki disk extra_artifacts extensions_info",
           gives="artifacts sizes"),
 ]
 
@@ -166,6 +167,7 @@ class BuildResult:
     root_hash: str
     kernel: str
     cache_hit: bool
+    tree_path: str
     sizes: dict[str, int]
     timings: dict[str, float]
 
@@ -179,6 +181,7 @@ class BuildResult:
             "root_hash": self.root_hash,
             "kernel": self.kernel,
             "cache_hit": self.cache_hit,
+            "tree_path": self.tree_path,
             "sizes": self.sizes,
             "timings": self.timings,
         }
@@ -221,7 +224,7 @@ def build(spec: Spec, output_dir: Path, version: str | None = None) -> BuildResu
         id=ctx.image_id, version=version, output_dir=output_dir,
         disk=output_dir / ctx.disk.name, artifacts=ctx.artifacts,
         root_hash=ctx.root_hash.hex(), kernel=ctx.kernel_version, cache_hit=ctx.cache_hit,
-        sizes=ctx.sizes, timings=timings,
+        tree_path=ctx.tree_path, sizes=ctx.sizes, timings=timings,
     )
 
 
