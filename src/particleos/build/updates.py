@@ -1,18 +1,50 @@
 """Stage: what updates and boot assessment need inside the image. With `[update] source`, the
 sysupdate transfer definitions go into /usr/lib/sysupdate.d; with `[boot] assess`, the units
 that must succeed before systemd-bless-boot marks a boot good are wired to
-boot-complete.target. Both live in /usr, so every version carries its own."""
+boot-complete.target. Both live in /usr, so every version carries its own. Every boot that
+systemd-boot counts also gets the particle-trial generator (in the initrd and the real root):
+whatever fails in it ends in a reboot, which spends a try."""
 
 from __future__ import annotations
 
 import os
+from importlib import resources
 
 from ..errors import ParticleError
+from ..spec.model import Boot
 from ..update.transfer import SYSUPDATE_DIR, transfer_files
 from .context import BuildContext
 from .trust import verify_updates
 
 ASSESS_DROPIN = "particle-assess.conf"
+TRIAL_SCRIPT = "usr/lib/particle/particle-trial"
+TRIAL_GENERATOR = "usr/lib/systemd/system-generators/particle-trial-generator"
+
+
+def trial_cmdline(boot: Boot) -> list[str]:
+    """panic= always (a panicking kernel reboots, blessed or not: nobody can use a panicked
+    machine); particle.trial_timeout= tells the particle-trial generator, in the initrd and the
+    real root, to make a counted boot reboot on any failure (absent: on_failure = "none")."""
+    args = [f"panic={boot.panic_reboot}"]
+    if boot.on_failure == "reboot":
+        args.append(f"particle.trial_timeout={boot.trial_timeout}")
+    return args
+
+
+def install_trial(ctx: BuildContext) -> None:
+    """The same script the initrd has (dracut module 90particle), for the real root."""
+    assert ctx.tree is not None
+    script = ctx.tree / TRIAL_SCRIPT
+    script.parent.mkdir(parents=True, exist_ok=True)
+    data = resources.files("particleos") / "data" / "dracut" / "90particle" / "particle-trial.sh"
+    script.write_bytes(data.read_bytes())
+    script.chmod(0o755)
+    generator = ctx.tree / TRIAL_GENERATOR
+    generator.parent.mkdir(parents=True, exist_ok=True)
+    if generator.is_symlink() or generator.exists():
+        generator.unlink()
+    os.symlink("/" + TRIAL_SCRIPT, generator)
+    ctx.extra_cmdline += trial_cmdline(ctx.spec.boot)
 
 
 def update_definitions(ctx: BuildContext) -> None:
@@ -35,6 +67,7 @@ def update_definitions(ctx: BuildContext) -> None:
         for name, text in files.items():
             (target / name).write_text(text)
     assess_units(ctx)
+    install_trial(ctx)
 
 
 def assess_units(ctx: BuildContext) -> None:

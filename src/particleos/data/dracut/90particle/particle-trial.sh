@@ -1,0 +1,211 @@
+#!/bin/sh
+# ParticleOS trial boots: a boot of a version that systemd-boot still counts (the booted UKI has
+# a +LEFT-DONE counter, so systemd-boot set LoaderBootCountPath) must end in a reboot whatever
+# goes wrong, with no console interaction: the reboot spends one try, and after the last one
+# systemd-boot boots the previous version. Blessed (known good) boots are left alone.
+#
+# One script, four uses (in the initrd and in the main system alike):
+#   particle-trial-generator DIR EARLY LATE  (systemd generator, via a symlink)
+#   particle-trial start                     (each trial boot: record it, panic on oops)
+#   particle-trial stop                      (main system, at shutdown: record why, if unblessed)
+#   particle-trial fail WHAT [COMMAND...]    (emergency/rescue: record, then fail -> reboot)
+#
+# Records go into the EFI variable ParticleBootLog-$PARTICLE_GUID (one line each:
+# BOOT ENTRY UPTIME EVENT DETAIL), which survives the reboot and is read by `particle status`.
+set -u
+
+LOADER_GUID=4a67b082-0a4c-41cf-b6c7-440b29bb8c4f
+PARTICLE_GUID=ead965b3-f7cd-4255-8a2d-8d4e823b83e5
+EFIVARS=${PARTICLE_EFIVARS:-/sys/firmware/efi/efivars}
+CMDLINE=${PARTICLE_CMDLINE:-/proc/cmdline}
+INITRD_RELEASE=${PARTICLE_INITRD_RELEASE:-/etc/initrd-release}
+SELF=/usr/lib/particle/particle-trial
+LOG_VAR="$EFIVARS/ParticleBootLog-$PARTICLE_GUID"
+MAX_BYTES=3072
+
+# The booted entry's file name with its counter (e.g. ID_V+2-1.efi); empty on a blessed boot.
+count_path() {
+    f="$EFIVARS/LoaderBootCountPath-$LOADER_GUID"
+    [ -r "$f" ] || return 0
+    p=$(tail -c +5 "$f" 2>/dev/null | tr -d '\000')
+    printf '%s\n' "${p##*\\}"
+}
+
+cmdline_arg() {
+    for w in $(cat "$CMDLINE" 2>/dev/null); do
+        case "$w" in "$1="*) printf '%s\n' "${w#*=}" ;; esac
+    done
+}
+
+in_initrd() { [ -e "$INITRD_RELEASE" ]; }
+
+mounted() {
+    while read -r _ target _; do
+        [ "$target" = "$1" ] && return 0
+    done < /proc/self/mounts
+    return 1
+}
+
+# Append one record (BOOT ENTRY UPTIME EVENT DETAIL) to the EFI variable and the kernel log.
+record() {
+    entry=$(count_path)
+    [ -n "$entry" ] || return 0
+    read -r boot < /proc/sys/kernel/random/boot_id || boot=unknown
+    boot=${boot%%-*}
+    read -r up _ < /proc/uptime || up=0
+    event=$1
+    shift
+    detail=$(printf '%s' "$*" | tr -c '[:print:]' ' ' | tr -s ' ' | head -c 160)
+    line="$boot $entry ${up%%.*} $event ${detail:--}"
+    echo "particle-trial: $line" > /dev/kmsg 2>/dev/null || true
+    echo "particle-trial: $line"
+    tmp=/run/particle-trial.$$
+    if [ -e "$LOG_VAR" ] && [ "$(wc -c < "$LOG_VAR")" -lt "$MAX_BYTES" ]; then
+        # EFI_VARIABLE_APPEND_WRITE | NV | BS | RT: attributes and data in one write.
+        { printf '\107\000\000\000'; printf '%s\n' "$line"; } > "$tmp"
+    else
+        # New, or full: rewrite with the last records kept.
+        { printf '\007\000\000\000'
+          if [ -e "$LOG_VAR" ]; then tail -c +5 "$LOG_VAR" | tail -n 12; fi
+          printf '%s\n' "$line"; } > "$tmp"
+    fi
+    cat "$tmp" >> "$LOG_VAR" || echo "particle-trial: cannot write $LOG_VAR" >&2
+    rm -f "$tmp"
+}
+
+generate() {
+    out=$1
+    entry=$(count_path)
+    [ -n "$entry" ] || exit 0                  # blessed boot: normal behaviour
+    timeout=$(cmdline_arg particle.trial_timeout)
+    [ -n "$timeout" ] || exit 0                # [boot] on_failure = "none"
+    # `particle update --soft` masks systemd-bless-boot for a boot the loader did not count.
+    [ "$(readlink /run/systemd/system/systemd-bless-boot.service 2>/dev/null)" = /dev/null ] && exit 0
+    if in_initrd; then
+        deadline_unit=initrd.target
+        emergency_cmd=""
+    else
+        deadline_unit=boot-complete.target
+        emergency_cmd="/usr/lib/systemd/systemd-sulogin-shell"
+    fi
+    for unit in emergency.service rescue.service; do
+        mkdir -p "$out/$unit.d"
+        what=${unit%.service}
+        cat > "$out/$unit.d/50-particle-trial.conf" <<EOF
+# Trial boot of $entry: no shell that waits for a password; record the failure and
+# reboot, which spends a try (particle-trial-generator; a blessed boot keeps the shell).
+[Unit]
+FailureAction=reboot-force
+
+[Service]
+ExecStart=
+ExecStart=$SELF fail $what${emergency_cmd:+ $emergency_cmd $what}
+EOF
+    done
+    mkdir -p "$out/$deadline_unit.d"
+    cat > "$out/$deadline_unit.d/50-particle-trial.conf" <<EOF
+# Trial boot of $entry: a boot that hangs is a failed try ([boot] trial_timeout).
+[Unit]
+JobTimeoutSec=$timeout
+JobTimeoutAction=reboot
+EOF
+    mkdir -p "$out/reboot.target.d"
+    cat > "$out/reboot.target.d/50-particle-trial.conf" <<EOF
+# Trial boot of $entry: a shutdown that hangs must not keep the next try from starting.
+[Unit]
+JobTimeoutSec=5min
+JobTimeoutAction=reboot-force
+EOF
+    cat > "$out/particle-trial.service" <<EOF
+# Trial boot of $entry (particle-trial-generator).
+[Unit]
+Description=Record the trial boot of $entry
+DefaultDependencies=no
+Conflicts=shutdown.target
+Before=sysinit.target shutdown.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+Environment=PARTICLE_TRIAL_TIMEOUT=$timeout
+ExecStart=$SELF start
+EOF
+    in_initrd || echo "ExecStop=$SELF stop" >> "$out/particle-trial.service"
+    mkdir -p "$out/sysinit.target.wants"
+    ln -sf ../particle-trial.service "$out/sysinit.target.wants/particle-trial.service"
+}
+
+start() {
+    # An oops during the trial is a failed try (panic= on the command line reboots).
+    echo 1 > /proc/sys/kernel/panic_on_oops 2>/dev/null || true
+    if in_initrd; then
+        record start initrd
+    else
+        record root "switched to the real root"
+    fi
+}
+
+stop() {
+    if systemctl -q is-active boot-complete.target 2>/dev/null; then
+        return 0        # reached: systemd-bless-boot has marked (or will mark) this boot good
+    fi
+    timeout=${PARTICLE_TRIAL_TIMEOUT:-0}
+    read -r up _ < /proc/uptime || up=0
+    waiting=""
+    running=$(systemctl list-jobs --no-legend --plain 2>/dev/null | while read -r _ unit type state _; do
+        [ "$type" = start ] && [ "$state" = running ] && printf '%s ' "$unit"
+    done)
+    failed=$(systemctl list-units --failed --no-legend --plain 2>/dev/null | while read -r unit _; do
+        printf '%s ' "$unit"
+    done)
+    for u in $running; do
+        case "$u" in *.target) ;; *) waiting="$waiting $u" ;; esac
+    done
+    if [ -n "$failed" ]; then
+        record failed "$failed"
+    elif [ "$timeout" -gt 0 ] 2>/dev/null && [ "${up%%.*}" -ge "$timeout" ]; then
+        record timeout "boot-complete.target not reached in ${timeout}s; still starting:${waiting:- -}"
+    else
+        record reboot "shut down before boot-complete.target"
+    fi
+}
+
+fail() {
+    what=$1
+    shift
+    if ! in_initrd && systemctl -q is-active boot-complete.target 2>/dev/null; then
+        # This boot has been blessed meanwhile: the owner gets the normal shell.
+        "$@"
+        exit 0
+    fi
+    failed=$(systemctl list-units --failed --no-legend --plain 2>/dev/null | while read -r unit _; do
+        printf '%s ' "$unit"
+    done)
+    stage=root
+    if in_initrd; then
+        stage=initrd
+        mounted /sysroot/usr || stage=usr
+        mounted /sysroot || stage=root-fs
+    fi
+    case " $failed" in
+        *" sysroot-usr.mount"* | *" systemd-veritysetup@usr.service"*) stage=usr ;;
+    esac
+    record "$what" "$stage: ${failed:-no failed unit}"
+    echo "particle-trial: trial boot failed ($what, $stage); rebooting to spend a try" >&2
+    sleep 2
+    exit 1     # FailureAction=reboot-force
+}
+
+case "${1:-}" in
+    start) start ;;
+    stop) stop ;;
+    fail) shift; fail "$@" ;;
+    *)
+        if [ $# -ge 1 ] && [ -d "$1" ]; then
+            generate "$@"
+        else
+            echo "usage: particle-trial start|stop|fail WHAT [COMMAND...] | generator DIR EARLY LATE" >&2
+            exit 2
+        fi
+        ;;
+esac
