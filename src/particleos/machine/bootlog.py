@@ -103,11 +103,12 @@ def version_of(entry_id: str) -> str:
 
 
 def parse_log(data: bytes) -> list[Record]:
-    """The variable's content: 4 bytes of attributes, then text lines. Bytes below 0x20 at
-    the start of a line are skipped (attribute bytes of appended writes, on a plain file)."""
+    """The variable's content: 4 bytes of attributes, then text lines."""
     records = []
     for raw in data[4:].split(b"\n"):
-        line = raw.lstrip(bytes(range(32))).decode("utf-8", errors="replace").strip()
+        if raw[1:4] == b"\0\0\0":
+            raw = raw[4:]  # the attributes of an appending write, as a plain file keeps them
+        line = raw.decode("utf-8", errors="replace").strip()
         parts = line.split(" ", 4)
         if len(parts) < 4 or not parts[2].isdigit():
             continue

@@ -19,6 +19,9 @@ PARTICLE_GUID=ead965b3-f7cd-4255-8a2d-8d4e823b83e5
 EFIVARS=${PARTICLE_EFIVARS:-/sys/firmware/efi/efivars}
 CMDLINE=${PARTICLE_CMDLINE:-/proc/cmdline}
 INITRD_RELEASE=${PARTICLE_INITRD_RELEASE:-/etc/initrd-release}
+SYSROOT=${PARTICLE_SYSROOT:-/sysroot}
+RUN=${PARTICLE_RUN:-/run}
+KMSG=${PARTICLE_KMSG:-/dev/kmsg}
 SELF=/usr/lib/particle/particle-trial
 LOG_VAR="$EFIVARS/ParticleBootLog-$PARTICLE_GUID"
 MAX_BYTES=3072
@@ -57,9 +60,9 @@ record() {
     shift
     detail=$(printf '%s' "$*" | tr -c '[:print:]' ' ' | tr -s ' ' | head -c 160)
     line="$boot $entry ${up%%.*} $event ${detail:--}"
-    echo "particle-trial: $line" > /dev/kmsg 2>/dev/null || true
+    echo "particle-trial: $line" > "$KMSG" 2>/dev/null || true
     echo "particle-trial: $line"
-    tmp=/run/particle-trial.$$
+    tmp="$RUN/particle-trial.$$"
     if [ -e "$LOG_VAR" ] && [ "$(wc -c < "$LOG_VAR")" -lt "$MAX_BYTES" ]; then
         # EFI_VARIABLE_APPEND_WRITE | NV | BS | RT: attributes and data in one write.
         { printf '\107\000\000\000'; printf '%s\n' "$line"; } > "$tmp"
@@ -129,8 +132,8 @@ Type=oneshot
 RemainAfterExit=yes
 Environment=PARTICLE_TRIAL_TIMEOUT=$timeout
 ExecStart=$SELF start
+ExecStop=$SELF stop
 EOF
-    in_initrd || echo "ExecStop=$SELF stop" >> "$out/particle-trial.service"
     mkdir -p "$out/sysinit.target.wants"
     ln -sf ../particle-trial.service "$out/sysinit.target.wants/particle-trial.service"
 }
@@ -145,28 +148,36 @@ start() {
     fi
 }
 
-stop() {
-    if systemctl -q is-active boot-complete.target 2>/dev/null; then
-        return 0        # reached: systemd-bless-boot has marked (or will mark) this boot good
-    fi
-    timeout=${PARTICLE_TRIAL_TIMEOUT:-0}
-    read -r up _ < /proc/uptime || up=0
-    waiting=""
-    running=$(systemctl list-jobs --no-legend --plain 2>/dev/null | while read -r _ unit type state _; do
-        [ "$type" = start ] && [ "$state" = running ] && printf '%s ' "$unit"
-    done)
-    failed=$(systemctl list-units --failed --no-legend --plain 2>/dev/null | while read -r unit _; do
+failed_units() {
+    systemctl list-units --failed --no-legend --plain 2>/dev/null | while read -r unit _; do
         printf '%s ' "$unit"
-    done)
-    for u in $running; do
-        case "$u" in *.target) ;; *) waiting="$waiting $u" ;; esac
     done
-    if [ -n "$failed" ]; then
-        record failed "$failed"
-    elif [ "$timeout" -gt 0 ] 2>/dev/null && [ "${up%%.*}" -ge "$timeout" ]; then
-        record timeout "boot-complete.target not reached in ${timeout}s; still starting:${waiting:- -}"
+}
+
+# Runs when particle-trial.service stops: at the switch to the real root (initrd), or at a
+# shutdown. A shutdown before the boot was blessed is recorded with its cause.
+stop() {
+    if in_initrd; then
+        target=initrd.target
+        if systemctl list-jobs --no-legend --plain 2>/dev/null | grep -q initrd-switch-root; then
+            return 0
+        fi
     else
-        record reboot "shut down before boot-complete.target"
+        target=boot-complete.target
+        systemctl -q is-active "$target" 2>/dev/null && return 0
+    fi
+    failed=$(failed_units)
+    if journalctl -b -q -o cat -u "$target" 2>/dev/null | grep -q 'timed out'; then
+        waiting=""
+        for u in $(systemctl show -p Requires -p Wants --value "$target" 2>/dev/null); do
+            case "$u" in *.target) continue ;; esac
+            systemctl -q is-active "$u" 2>/dev/null || waiting="$waiting $u"
+        done
+        record timeout "$target not reached within ${PARTICLE_TRIAL_TIMEOUT:-?}s; not done:${waiting:- -}"
+    elif [ -n "$failed" ]; then
+        record failed "$failed"
+    else
+        record reboot "shut down before $target"
     fi
 }
 
@@ -178,21 +189,19 @@ fail() {
         "$@"
         exit 0
     fi
-    failed=$(systemctl list-units --failed --no-legend --plain 2>/dev/null | while read -r unit _; do
-        printf '%s ' "$unit"
-    done)
+    failed=$(failed_units)
     stage=root
     if in_initrd; then
         stage=initrd
-        mounted /sysroot/usr || stage=usr
-        mounted /sysroot || stage=root-fs
+        mounted "${SYSROOT%/}/usr" || stage=usr
+        mounted "$SYSROOT" || stage=root-fs
     fi
     case " $failed" in
         *" sysroot-usr.mount"* | *" systemd-veritysetup@usr.service"*) stage=usr ;;
     esac
     record "$what" "$stage: ${failed:-no failed unit}"
     echo "particle-trial: trial boot failed ($what, $stage); rebooting to spend a try" >&2
-    sleep 2
+    sleep "${PARTICLE_FAIL_PAUSE:-2}"
     exit 1     # FailureAction=reboot-force
 }
 
