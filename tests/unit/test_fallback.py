@@ -28,7 +28,7 @@ ENTRY = "demo_2.0+2-1.efi"
 def fake_machine(tmp_path: Path, *, trial: bool = True, initrd: bool = False,
                  cmdline: str = "rw panic=10 particle.trial_timeout=600") -> dict[str, str]:
     efivars = tmp_path / "efivars"
-    efivars.mkdir(exist_ok=True)
+    efivars.mkdir(parents=True, exist_ok=True)
     if trial:
         path = f"\\EFI\\Linux\\{ENTRY}".encode("utf-16-le") + b"\0\0"
         (efivars / f"LoaderBootCountPath-{LOADER}").write_bytes(b"\x06\0\0\0" + path)
@@ -79,13 +79,28 @@ def test_generator_makes_a_trial_boot_reboot_instead_of_asking(tmp_path: Path) -
         "../particle-trial.service"
 
 
-def test_generator_in_the_initrd_bounds_initrd_target(tmp_path: Path) -> None:
-    out = generate(tmp_path, fake_machine(tmp_path, initrd=True,
-                                          cmdline="particle.trial_timeout=90"))
-    assert "JobTimeoutSec=90" in (out / "initrd.target.d/50-particle-trial.conf").read_text()
-    assert not (out / "boot-complete.target.d").exists()
-    emergency = (out / "emergency.service.d/50-particle-trial.conf").read_text()
-    assert "ExecStart=/usr/lib/particle/particle-trial fail emergency\n" in emergency
+def test_in_the_initrd_the_units_are_static_and_decide_when_they_run(tmp_path: Path) -> None:
+    # The initrd's generators run before efivarfs is mounted: no drop-ins from there.
+    assert files(generate(tmp_path, fake_machine(tmp_path, initrd=True))) == []
+    module = SCRIPT.parent
+    emergency = (module / "emergency-trial.conf").read_text()
+    assert "FailureAction=reboot-force" in emergency
+    assert "ExecStart=\nExecStart=/usr/lib/particle/particle-trial fail emergency " \
+        "/usr/bin/dracut-emergency\n" in emergency
+    setup = (module / "module-setup.sh").read_text()
+    assert "emergency.service.d/50-particle-trial.conf" in setup
+    assert "add-wants sysinit.target particle-trial.service" in setup
+    # On a blessed boot the initrd unit ends at once (no deadline, no record).
+    env = fake_machine(tmp_path / "blessed", trial=False, initrd=True)
+    subprocess.run(["dash", str(SCRIPT), "initrd"], env=env, check=True, timeout=10)
+    assert not (tmp_path / "blessed/efivars" / bootlog.LOG_NAME).exists()
+
+
+def test_a_blessed_boot_keeps_its_shell(tmp_path: Path) -> None:
+    env = fake_machine(tmp_path, trial=False, initrd=True)
+    proc = subprocess.run(["dash", str(SCRIPT), "fail", "emergency", "echo", "shell-ran"],
+                          env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and proc.stdout == "shell-ran\n"
 
 
 @pytest.mark.parametrize("trial,cmdline", [
@@ -100,13 +115,14 @@ def test_generator_leaves_other_boots_alone(tmp_path: Path, trial: bool, cmdline
 def test_records_survive_in_the_variable_and_name_the_stage(tmp_path: Path) -> None:
     env = fake_machine(tmp_path, initrd=True)
     subprocess.run(["dash", str(SCRIPT), "start"], env=env, check=True, capture_output=True)
-    proc = subprocess.run(["dash", str(SCRIPT), "fail", "emergency"], env=env,
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(["dash", str(SCRIPT), "fail", "emergency", "echo", "shell-ran"],
+                          env=env, capture_output=True, text=True, check=False)
     assert proc.returncode == 1  # -> FailureAction=reboot-force
+    assert "shell-ran" not in proc.stdout
     data = (tmp_path / "efivars" / bootlog.LOG_NAME).read_bytes()
     assert data[:4] == b"\x07\0\0\0"  # non-volatile, boot and runtime access
     records = bootlog.parse_log(data)
-    assert [(r.file, r.event) for r in records] == [(ENTRY, "start"), (ENTRY, "emergency")]
+    assert [(r.file, r.event) for r in records] == [(ENTRY, "root"), (ENTRY, "emergency")]
     assert records[1].detail.startswith("root-fs:")  # nothing mounted at the fake /sysroot
     assert records[0].boot == records[1].boot and len(records[0].boot) == 8
     assert records[0].try_number == 1 and records[0].entry_id == "demo_2.0.efi"

@@ -13,12 +13,15 @@ depends() {
 }
 
 install() {
-    inst_multiple cp mkdir cat rm ln mv sh tail head tr wc sleep readlink grep
+    inst_multiple cp mkdir cat rm ln mv sh tail head tr wc sleep grep mount modprobe
     inst_script "$moddir/particle-etc.sh" /usr/lib/particle/particle-etc
     inst_simple "$moddir/particle-etc.service" "$systemdsystemunitdir/particle-etc.service"
     $SYSTEMCTL -q --root "$initdir" add-wants initrd.target particle-etc.service
     inst_script "$moddir/particle-trial.sh" /usr/lib/particle/particle-trial
-    mkdir -p "$initdir$systemdutildir/system-generators"
-    ln -sf /usr/lib/particle/particle-trial \
-        "$initdir$systemdutildir/system-generators/particle-trial-generator"
+    inst_simple "$moddir/particle-trial.service" "$systemdsystemunitdir/particle-trial.service"
+    $SYSTEMCTL -q --root "$initdir" add-wants sysinit.target particle-trial.service
+    inst_simple "$moddir/emergency-trial.conf" \
+        "$systemdsystemunitdir/emergency.service.d/50-particle-trial.conf"
+    inst_simple "$moddir/rescue-trial.conf" \
+        "$systemdsystemunitdir/rescue.service.d/50-particle-trial.conf"
 }

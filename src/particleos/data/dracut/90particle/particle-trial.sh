@@ -4,11 +4,15 @@
 # goes wrong, with no console interaction: the reboot spends one try, and after the last one
 # systemd-boot boots the previous version. Blessed (known good) boots are left alone.
 #
-# One script, four uses (in the initrd and in the main system alike):
-#   particle-trial-generator DIR EARLY LATE  (systemd generator, via a symlink)
-#   particle-trial start                     (each trial boot: record it, panic on oops)
-#   particle-trial stop                      (main system, at shutdown: record why, if unblessed)
-#   particle-trial fail WHAT [COMMAND...]    (emergency/rescue: record, then fail -> reboot)
+# One script for all of it:
+#   particle-trial-generator DIR EARLY LATE  (real root: a systemd generator, via a symlink)
+#   particle-trial initrd                    (initrd: record the boot, then its deadline)
+#   particle-trial start                     (real root: record the switch, panic on oops)
+#   particle-trial stop                      (real root, at shutdown: record why, if unblessed)
+#   particle-trial fail WHAT [COMMAND...]    (emergency/rescue: record, then fail -> reboot;
+#                                             on a blessed boot: run COMMAND, the usual shell)
+# In the initrd the units are static (dracut module 90particle) and decide when they run: a
+# generator there runs before efivarfs is mounted, so it cannot tell a counted boot.
 #
 # Records go into the EFI variable ParticleBootLog-$PARTICLE_GUID (one line each:
 # BOOT ENTRY UPTIME EVENT DETAIL), which survives the reboot and is read by `particle status`.
@@ -25,6 +29,14 @@ KMSG=${PARTICLE_KMSG:-/dev/kmsg}
 SELF=/usr/lib/particle/particle-trial
 LOG_VAR="$EFIVARS/ParticleBootLog-$PARTICLE_GUID"
 MAX_BYTES=3072
+
+# efivarfs: PID 1 of the initrd may not have mounted it yet.
+ensure_efivars() {
+    [ -z "${PARTICLE_EFIVARS:-}" ] && [ -d /sys/firmware/efi ] || return 0
+    mounted "$EFIVARS" && return 0
+    modprobe -q efivarfs 2>/dev/null
+    mount -t efivarfs -o nosuid,nodev,noexec efivarfs "$EFIVARS" 2>/dev/null || true
+}
 
 # The booted entry's file name with its counter (e.g. ID_V+2-1.efi); empty on a blessed boot.
 count_path() {
@@ -84,13 +96,9 @@ generate() {
     [ -n "$timeout" ] || exit 0                # [boot] on_failure = "none"
     # `particle update --soft` masks systemd-bless-boot for a boot the loader did not count.
     [ "$(readlink /run/systemd/system/systemd-bless-boot.service 2>/dev/null)" = /dev/null ] && exit 0
-    if in_initrd; then
-        deadline_unit=initrd.target
-        emergency_cmd=""
-    else
-        deadline_unit=boot-complete.target
-        emergency_cmd="/usr/lib/systemd/systemd-sulogin-shell"
-    fi
+    in_initrd && exit 0                        # the initrd has static units (see above)
+    deadline_unit=boot-complete.target
+    emergency_cmd="/usr/lib/systemd/systemd-sulogin-shell"
     for unit in emergency.service rescue.service; do
         mkdir -p "$out/$unit.d"
         what=${unit%.service}
@@ -102,7 +110,7 @@ FailureAction=reboot-force
 
 [Service]
 ExecStart=
-ExecStart=$SELF fail $what${emergency_cmd:+ $emergency_cmd $what}
+ExecStart=$SELF fail $what $emergency_cmd $what
 EOF
     done
     mkdir -p "$out/$deadline_unit.d"
@@ -141,11 +149,30 @@ EOF
 start() {
     # An oops during the trial is a failed try (panic= on the command line reboots).
     echo 1 > /proc/sys/kernel/panic_on_oops 2>/dev/null || true
-    if in_initrd; then
-        record start initrd
-    else
-        record root "switched to the real root"
-    fi
+    record root "switched to the real root"
+}
+
+# The initrd part of a counted boot: record it, then reboot if the switch to the real root has
+# not come within the trial timeout (this service is stopped at the switch).
+initrd() {
+    ensure_efivars
+    [ -n "$(count_path)" ] || exit 0
+    timeout=$(cmdline_arg particle.trial_timeout)
+    [ -n "$timeout" ] || exit 0
+    echo 1 > /proc/sys/kernel/panic_on_oops 2>/dev/null || true
+    record start initrd
+    trap 'exit 0' TERM INT
+    while :; do
+        read -r up _ < /proc/uptime || up=0
+        [ "${up%%.*}" -ge "$timeout" ] && break
+        sleep 5 &
+        wait $! || true
+    done
+    running=$(systemctl list-jobs --no-legend --plain 2>/dev/null | while read -r _ unit type state _; do
+        [ "$type" = start ] && [ "$state" = running ] && printf '%s ' "$unit"
+    done)
+    record timeout "initrd.target not reached within ${timeout}s; still starting: ${running:--}"
+    systemctl reboot || systemctl --force reboot
 }
 
 failed_units() {
@@ -154,18 +181,11 @@ failed_units() {
     done
 }
 
-# Runs when particle-trial.service stops: at the switch to the real root (initrd), or at a
-# shutdown. A shutdown before the boot was blessed is recorded with its cause.
+# Runs when particle-trial.service of the real root stops (a shutdown): one before the boot was
+# blessed is recorded with its cause.
 stop() {
-    if in_initrd; then
-        target=initrd.target
-        if systemctl list-jobs --no-legend --plain 2>/dev/null | grep -q initrd-switch-root; then
-            return 0
-        fi
-    else
-        target=boot-complete.target
-        systemctl -q is-active "$target" 2>/dev/null && return 0
-    fi
+    target=boot-complete.target
+    systemctl -q is-active "$target" 2>/dev/null && return 0
     failed=$(failed_units)
     if journalctl -b -q -o cat -u "$target" 2>/dev/null | grep -q 'timed out'; then
         waiting=""
@@ -184,9 +204,11 @@ stop() {
 fail() {
     what=$1
     shift
-    if ! in_initrd && systemctl -q is-active boot-complete.target 2>/dev/null; then
-        # This boot has been blessed meanwhile: the owner gets the normal shell.
-        "$@"
+    ensure_efivars
+    if [ -z "$(count_path)" ] || [ -z "$(cmdline_arg particle.trial_timeout)" ] ||
+        { ! in_initrd && systemctl -q is-active boot-complete.target 2>/dev/null; }; then
+        # A blessed boot (or one blessed meanwhile): the owner gets the usual shell.
+        [ $# -gt 0 ] && "$@"
         exit 0
     fi
     failed=$(failed_units)
@@ -207,13 +229,14 @@ fail() {
 
 case "${1:-}" in
     start) start ;;
+    initrd) initrd ;;
     stop) stop ;;
     fail) shift; fail "$@" ;;
     *)
         if [ $# -ge 1 ] && [ -d "$1" ]; then
             generate "$@"
         else
-            echo "usage: particle-trial start|stop|fail WHAT [COMMAND...] | generator DIR EARLY LATE" >&2
+            echo "usage: particle-trial initrd|start|stop|fail WHAT [COMMAND...] | generator DIR EARLY LATE" >&2
             exit 2
         fi
         ;;
