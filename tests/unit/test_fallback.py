@@ -1,6 +1,6 @@
-"""Trial boots: the particle-trial generator's drop-ins (run for real with dash against a fake
-efivars directory), the records it writes and how `particle status` tells them, `particle
-retry`, and the spec and build side ([boot] trial_timeout, panic_reboot, the command line)."""
+"""Trial boots: particle-trial (run for real with dash against a fake efivars directory) and
+its units, the records it writes and how `particle status` tells them, `particle retry`, and
+the spec and build side ([boot] trial_timeout, panic_reboot, the command line)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from particleos.build.context import BuildContext
-from particleos.build.updates import TRIAL_GENERATOR, TRIAL_SCRIPT, update_definitions
+from particleos.build.updates import TRIAL_SCRIPT, TRIAL_UNIT, update_definitions
 from particleos.errors import SpecError
 from particleos.machine import bootlog, entries, status
 from particleos.machine.cli import MachineError, build_parser
@@ -44,94 +44,61 @@ def fake_machine(tmp_path: Path, *, trial: bool = True, initrd: bool = False,
             "PARTICLE_FAIL_PAUSE": "0", "PATH": os.environ["PATH"]}
 
 
-def generate(tmp_path: Path, env: dict[str, str]) -> Path:
-    out = tmp_path / "gen"
-    out.mkdir(exist_ok=True)
-    subprocess.run(["dash", str(SCRIPT), str(out), str(out), str(out)], env=env, check=True)
-    return out
+def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["dash", str(SCRIPT), *args], env=env, capture_output=True,
+                          text=True, timeout=30, check=False)
 
 
-def files(d: Path) -> list[str]:
-    return sorted(str(p.relative_to(d)) for p in d.rglob("*") if not p.is_dir())
+DATA = SCRIPT.parents[2]
 
 
-def test_generator_makes_a_trial_boot_reboot_instead_of_asking(tmp_path: Path) -> None:
-    out = generate(tmp_path, fake_machine(tmp_path))
-    assert files(out) == [
-        "boot-complete.target.d/50-particle-trial.conf",
-        "emergency.service.d/50-particle-trial.conf",
-        "particle-trial.service",
-        "reboot.target.d/50-particle-trial.conf",
-        "rescue.service.d/50-particle-trial.conf",
-        "sysinit.target.wants/particle-trial.service",
-    ]
-    emergency = (out / "emergency.service.d/50-particle-trial.conf").read_text()
-    assert "FailureAction=reboot-force" in emergency
-    # The sulogin shell is replaced; it is still run when the boot was blessed meanwhile.
-    assert "ExecStart=\nExecStart=/usr/lib/particle/particle-trial fail emergency " \
-        "/usr/lib/systemd/systemd-sulogin-shell emergency\n" in emergency
-    deadline = (out / "boot-complete.target.d/50-particle-trial.conf").read_text()
-    assert "JobTimeoutSec=600\n" in deadline and "JobTimeoutAction=reboot\n" in deadline
-    unit = (out / "particle-trial.service").read_text()
-    assert "ExecStart=/usr/lib/particle/particle-trial start" in unit
-    assert "ExecStop=/usr/lib/particle/particle-trial stop" in unit
-    assert os.readlink(out / "sysinit.target.wants/particle-trial.service") == \
-        "../particle-trial.service"
-
-
-def test_in_the_initrd_the_units_are_static_and_decide_when_they_run(tmp_path: Path) -> None:
-    # The initrd's generators run before efivarfs is mounted: no drop-ins from there.
-    assert files(generate(tmp_path, fake_machine(tmp_path, initrd=True))) == []
-    module = SCRIPT.parent
-    emergency = (module / "emergency-trial.conf").read_text()
-    assert "FailureAction=reboot-force" in emergency
-    assert "ExecStart=\nExecStart=/usr/lib/particle/particle-trial fail emergency " \
-        "/usr/bin/dracut-emergency\n" in emergency
-    setup = (module / "module-setup.sh").read_text()
+def test_emergency_and_rescue_reboot_instead_of_asking_on_a_trial_boot() -> None:
+    for path, shell in ((DATA / "dracut/90particle/emergency-trial.conf",
+                         "/usr/bin/dracut-emergency"),
+                        (DATA / "trial/emergency-trial.conf",
+                         "/usr/lib/systemd/systemd-sulogin-shell emergency")):
+        text = path.read_text()
+        assert "FailureAction=reboot-force" in text
+        assert f"ExecStart=\nExecStart=/usr/lib/particle/particle-trial fail emergency {shell}\n" \
+            in text
+    rescue = (DATA / "trial/rescue-trial.conf").read_text()
+    assert "fail rescue /usr/lib/systemd/systemd-sulogin-shell rescue" in rescue
+    setup = (DATA / "dracut/90particle/module-setup.sh").read_text()
     assert "emergency.service.d/50-particle-trial.conf" in setup
     assert "add-wants sysinit.target particle-trial.service" in setup
-    # On a blessed boot the initrd unit ends at once (no deadline, no record).
-    env = fake_machine(tmp_path / "blessed", trial=False, initrd=True)
-    subprocess.run(["dash", str(SCRIPT), "initrd"], env=env, check=True, timeout=10)
-    assert not (tmp_path / "blessed/efivars" / bootlog.LOG_NAME).exists()
-
-
-def test_a_blessed_boot_keeps_its_shell(tmp_path: Path) -> None:
-    env = fake_machine(tmp_path, trial=False, initrd=True)
-    proc = subprocess.run(["dash", str(SCRIPT), "fail", "emergency", "echo", "shell-ran"],
-                          env=env, capture_output=True, text=True, check=False)
-    assert proc.returncode == 0 and proc.stdout == "shell-ran\n"
+    initrd_unit = (DATA / "dracut/90particle/particle-trial.service").read_text()
+    assert "ExecStart=/usr/lib/particle/particle-trial watch initrd" in initrd_unit
+    root_unit = (DATA / "trial/particle-trial.service").read_text()
+    assert "ExecStart=/usr/lib/particle/particle-trial watch root" in root_unit
+    assert "ExecStop=/usr/lib/particle/particle-trial stop" in root_unit
 
 
 @pytest.mark.parametrize("trial,cmdline", [
     (False, "particle.trial_timeout=600"),  # blessed entry: no LoaderBootCountPath
     (True, "panic=10"),                     # [boot] on_failure = "none"
 ])
-def test_generator_leaves_other_boots_alone(tmp_path: Path, trial: bool, cmdline: str) -> None:
-    out = generate(tmp_path, fake_machine(tmp_path, trial=trial, cmdline=cmdline))
-    assert files(out) == []
+def test_other_boots_are_left_alone(tmp_path: Path, trial: bool, cmdline: str) -> None:
+    env = fake_machine(tmp_path, trial=trial, cmdline=cmdline)
+    for stage in ("initrd", "root"):
+        assert run(env, "watch", stage).returncode == 0  # ends at once: no deadline
+    proc = run(env, "fail", "emergency", "echo", "shell-ran")
+    assert proc.returncode == 0 and proc.stdout == "shell-ran\n"  # the usual shell
+    assert not (tmp_path / "efivars" / bootlog.LOG_NAME).exists()
 
 
 def test_records_survive_in_the_variable_and_name_the_stage(tmp_path: Path) -> None:
     env = fake_machine(tmp_path, initrd=True)
-    subprocess.run(["dash", str(SCRIPT), "start"], env=env, check=True, capture_output=True)
-    proc = subprocess.run(["dash", str(SCRIPT), "fail", "emergency", "echo", "shell-ran"],
-                          env=env, capture_output=True, text=True, check=False)
+    proc = run(env, "fail", "emergency", "echo", "shell-ran")
     assert proc.returncode == 1  # -> FailureAction=reboot-force
     assert "shell-ran" not in proc.stdout
+    assert run(env, "fail", "rescue").returncode == 1  # appended to the same variable
     data = (tmp_path / "efivars" / bootlog.LOG_NAME).read_bytes()
     assert data[:4] == b"\x07\0\0\0"  # non-volatile, boot and runtime access
     records = bootlog.parse_log(data)
-    assert [(r.file, r.event) for r in records] == [(ENTRY, "root"), (ENTRY, "emergency")]
+    assert [(r.file, r.event) for r in records] == [(ENTRY, "emergency"), (ENTRY, "rescue")]
     assert records[1].detail.startswith("root-fs:")  # nothing mounted at the fake /sysroot
     assert records[0].boot == records[1].boot and len(records[0].boot) == 8
     assert records[0].try_number == 1 and records[0].entry_id == "demo_2.0.efi"
-
-
-def test_a_blessed_boot_writes_no_records(tmp_path: Path) -> None:
-    env = fake_machine(tmp_path, trial=False)
-    subprocess.run(["dash", str(SCRIPT), "start"], env=env, check=True, capture_output=True)
-    assert not (tmp_path / "efivars" / bootlog.LOG_NAME).exists()
 
 
 LOG = (
@@ -227,14 +194,18 @@ def stage_ctx(tmp_path: Path, toml: str) -> BuildContext:
     return ctx
 
 
-def test_build_installs_the_generator_and_the_command_line(tmp_path: Path) -> None:
+def test_build_installs_the_units_and_the_command_line(tmp_path: Path) -> None:
     ctx = stage_ctx(tmp_path / "a", '[system]\nid = "demo"\n[boot]\ntrial_timeout = "15min"\n'
                     'panic_reboot = 30\n')
     update_definitions(ctx)
     assert ctx.extra_cmdline == ["panic=30", "particle.trial_timeout=900"]
     assert ctx.tree is not None
     assert (ctx.tree / TRIAL_SCRIPT).read_bytes() == SCRIPT.read_bytes()
-    assert os.readlink(ctx.tree / TRIAL_GENERATOR) == "/" + TRIAL_SCRIPT
+    assert (ctx.tree / TRIAL_UNIT).is_file()
+    assert os.readlink(ctx.tree / "usr/lib/systemd/system/sysinit.target.wants" /
+                       "particle-trial.service") == "../particle-trial.service"
+    assert "particle-trial fail emergency" in (
+        ctx.tree / "usr/lib/systemd/system/emergency.service.d/50-particle-trial.conf").read_text()
     none = stage_ctx(tmp_path / "b", '[system]\nid = "demo"\n[boot]\non_failure = "none"\n')
     update_definitions(none)
     assert none.extra_cmdline == ["panic=10"]  # the default trial_timeout is 10 min
@@ -250,3 +221,12 @@ def test_spec_durations(tmp_path: Path) -> None:
     assert "boot.panic_reboot" in text and "greater than zero" in text
     (tmp_path / "particle.toml").write_text('[system]\nid = "demo"\n')
     assert load_spec(tmp_path).boot.trial_timeout == 600
+
+
+def test_a_failed_usr_mount_is_a_usr_failure_whatever_else_was_mounted() -> None:
+    rec = bootlog.Record("aaaa0001", "demo_2.0+2-1.efi", 9, "emergency",
+                         "root-fs: sysusr-usr.mount initrd-usr-fs.target")
+    t = bootlog.Try("aaaa0001", "demo_2.0.efi", 1, [rec])
+    assert t.reason()[0] == "usr-setup"
+    rec.detail = "root-fs: sysroot.mount"
+    assert t.reason()[0] == "root-fs-setup"

@@ -2,8 +2,8 @@
 sysupdate transfer definitions go into /usr/lib/sysupdate.d; with `[boot] assess`, the units
 that must succeed before systemd-bless-boot marks a boot good are wired to
 boot-complete.target. Both live in /usr, so every version carries its own. Every boot that
-systemd-boot counts also gets the particle-trial generator (in the initrd and the real root):
-whatever fails in it ends in a reboot, which spends a try."""
+systemd-boot counts is watched by particle-trial (in the initrd and the real root): whatever
+fails in it ends in a reboot, which spends a try."""
 
 from __future__ import annotations
 
@@ -18,13 +18,15 @@ from .trust import verify_updates
 
 ASSESS_DROPIN = "particle-assess.conf"
 TRIAL_SCRIPT = "usr/lib/particle/particle-trial"
-TRIAL_GENERATOR = "usr/lib/systemd/system-generators/particle-trial-generator"
+TRIAL_UNIT = "usr/lib/systemd/system/particle-trial.service"
+TRIAL_DROPINS = {"emergency-trial.conf": "usr/lib/systemd/system/emergency.service.d",
+                 "rescue-trial.conf": "usr/lib/systemd/system/rescue.service.d"}
 
 
 def trial_cmdline(boot: Boot) -> list[str]:
     """panic= always (a panicking kernel reboots, blessed or not: nobody can use a panicked
-    machine); particle.trial_timeout= tells the particle-trial generator, in the initrd and the
-    real root, to make a counted boot reboot on any failure (absent: on_failure = "none")."""
+    machine); particle.trial_timeout= tells particle-trial, in the initrd and the real root,
+    to make a counted boot reboot on any failure (absent: on_failure = "none")."""
     args = [f"panic={boot.panic_reboot}"]
     if boot.on_failure == "reboot":
         args.append(f"particle.trial_timeout={boot.trial_timeout}")
@@ -32,18 +34,27 @@ def trial_cmdline(boot: Boot) -> list[str]:
 
 
 def install_trial(ctx: BuildContext) -> None:
-    """The same script the initrd has (dracut module 90particle), for the real root."""
+    """The real root's trial units and the script the initrd has too (dracut module
+    90particle): static units that act only on a boot systemd-boot counts."""
     assert ctx.tree is not None
+    data = resources.files("particleos") / "data"
     script = ctx.tree / TRIAL_SCRIPT
     script.parent.mkdir(parents=True, exist_ok=True)
-    data = resources.files("particleos") / "data" / "dracut" / "90particle" / "particle-trial.sh"
-    script.write_bytes(data.read_bytes())
+    script.write_bytes((data / "dracut" / "90particle" / "particle-trial.sh").read_bytes())
     script.chmod(0o755)
-    generator = ctx.tree / TRIAL_GENERATOR
-    generator.parent.mkdir(parents=True, exist_ok=True)
-    if generator.is_symlink() or generator.exists():
-        generator.unlink()
-    os.symlink("/" + TRIAL_SCRIPT, generator)
+    unit = ctx.tree / TRIAL_UNIT
+    unit.parent.mkdir(parents=True, exist_ok=True)
+    unit.write_bytes((data / "trial" / "particle-trial.service").read_bytes())
+    for name, where in TRIAL_DROPINS.items():
+        d = ctx.tree / where
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "50-particle-trial.conf").write_bytes((data / "trial" / name).read_bytes())
+    wants = unit.parent / "sysinit.target.wants"
+    wants.mkdir(exist_ok=True)
+    link = wants / unit.name
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    os.symlink(f"../{unit.name}", link)
     ctx.extra_cmdline += trial_cmdline(ctx.spec.boot)
 
 

@@ -73,6 +73,9 @@ class Try:
         if f is not None:
             if f.event in ("emergency", "rescue"):
                 stage, _, units = f.detail.partition(":")
+                if re.search(r"(?:^|\s)(?:sys(?:usr|root)-usr\.mount|systemd-veritysetup@usr)",
+                             units):
+                    stage = "usr"
                 words = STAGES.get(stage, f"{f.event} mode")
                 units = units.strip()
                 return (f"{stage}-setup" if stage in ("usr", "root-fs") else f.event,
