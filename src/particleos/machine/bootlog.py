@@ -12,8 +12,10 @@ kept the kernel's last messages), a hard hang or a power loss.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,6 +185,25 @@ def failed_tries(entry_states: dict[str, str], efivars: Path = EFIVARS,
     return result
 
 
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_IMMUTABLE_FL = 0x80086601, 0x40086602, 0x10
+
+
+def make_mutable(path: Path) -> None:
+    """efivarfs marks variables it does not know immutable at each boot (chattr -i)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        flags = struct.unpack("l", fcntl.ioctl(fd, FS_IOC_GETFLAGS, struct.pack("l", 0)))[0]
+        if flags & FS_IMMUTABLE_FL:
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("l", flags & ~FS_IMMUTABLE_FL))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def forget(entry_id: str, efivars: Path = EFIVARS) -> int:
     """Drop one entry's records from the variable (after `particle retry`); returns how many."""
     path = efivars / LOG_NAME
@@ -194,6 +215,7 @@ def forget(entry_id: str, efivars: Path = EFIVARS) -> int:
     keep = [r for r in records if r.entry_id.lower() != entry_id.lower()]
     if len(keep) == len(records):
         return 0
+    make_mutable(path)
     os.unlink(path)
     if keep:
         body = "".join(f"{r.boot} {r.file} {r.uptime} {r.event} {r.detail}\n" for r in keep)

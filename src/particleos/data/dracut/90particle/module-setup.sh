@@ -13,7 +13,7 @@ depends() {
 }
 
 install() {
-    inst_multiple cp mkdir cat rm ln mv sh tail head tr wc sleep grep mount modprobe
+    inst_multiple cp mkdir cat rm ln mv sh tail head tr wc sleep grep mount modprobe chattr
     inst_script "$moddir/particle-etc.sh" /usr/lib/particle/particle-etc
     inst_simple "$moddir/particle-etc.service" "$systemdsystemunitdir/particle-etc.service"
     $SYSTEMCTL -q --root "$initdir" add-wants initrd.target particle-etc.service

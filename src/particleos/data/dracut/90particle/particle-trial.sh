@@ -82,6 +82,9 @@ record() {
     echo "particle-trial: $line"
     case "$event" in start | root) ;; *) : > "$DONE" 2>/dev/null ;; esac
     tmp="$RUN/particle-trial.$$"
+    # efivarfs makes variables it does not know immutable at every boot; they cannot be
+    # truncated either, so every write goes through >> (open without O_TRUNC).
+    [ -e "$LOG_VAR" ] && chattr -i "$LOG_VAR" 2>/dev/null
     if [ -e "$LOG_VAR" ] && [ "$(wc -c < "$LOG_VAR")" -lt "$MAX_BYTES" ]; then
         # EFI_VARIABLE_APPEND_WRITE | NV | BS | RT: attributes and data in one write.
         { printf '\107\000\000\000'; printf '%s\n' "$line"; } > "$tmp"
