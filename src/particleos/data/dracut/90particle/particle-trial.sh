@@ -5,8 +5,8 @@
 # systemd-boot boots the previous version. Blessed (known good) boots are left alone.
 #
 # The units are static (the initrd's from the dracut module 90particle, the real root's from
-# /usr/lib/systemd/system) and decide when they run: generators run before efivarfs is
-# mounted, so a generator cannot tell a counted boot.
+# /usr/lib/systemd/system) and decide when they run: one mechanism for both stages, and a
+# boot blessed meanwhile keeps its shell.
 #   particle-trial watch initrd|root      (particle-trial.service: record the boot, then
 #                                          reboot if it is not through within the deadline)
 #   particle-trial stop                   (real root, at shutdown: record why, if unblessed)
