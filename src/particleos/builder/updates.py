@@ -1,18 +1,61 @@
 """Stage: what updates and boot assessment need inside the image. With `[update] source`, the
 sysupdate transfer definitions go into /usr/lib/sysupdate.d; with `[boot] assess`, the units
 that must succeed before systemd-bless-boot marks a boot good are wired to
-boot-complete.target. Both live in /usr, so every version carries its own."""
+boot-complete.target. Both live in /usr, so every version carries its own. Every boot that
+systemd-boot counts is watched by particle-trial (in the initrd and the real root): whatever
+fails in it ends in a reboot, which spends a try."""
 
 from __future__ import annotations
 
 import os
+from importlib import resources
 
 from ..errors import ParticleError
+from ..spec.model import Boot
 from ..update.transfer import SYSUPDATE_DIR, transfer_files
 from .context import BuildContext
 from .trust import verify_updates
 
 ASSESS_DROPIN = "particle-assess.conf"
+TRIAL_SCRIPT = "usr/lib/particle/particle-trial"
+TRIAL_UNIT = "usr/lib/systemd/system/particle-trial.service"
+TRIAL_DROPINS = {"emergency-trial.conf": "usr/lib/systemd/system/emergency.service.d",
+                 "rescue-trial.conf": "usr/lib/systemd/system/rescue.service.d"}
+
+
+def trial_cmdline(boot: Boot) -> list[str]:
+    """panic= always (a panicking kernel reboots, blessed or not: nobody can use a panicked
+    machine); particle.trial_timeout= tells particle-trial, in the initrd and the real root,
+    to make a counted boot reboot on any failure (absent: on_failure = "none")."""
+    args = [f"panic={boot.panic_reboot}"]
+    if boot.on_failure == "reboot":
+        args.append(f"particle.trial_timeout={boot.trial_timeout}")
+    return args
+
+
+def install_trial(ctx: BuildContext) -> None:
+    """The real root's trial units and the script the initrd has too (dracut module
+    90particle): static units that act only on a boot systemd-boot counts."""
+    assert ctx.tree is not None
+    data = resources.files("particleos") / "data"
+    script = ctx.tree / TRIAL_SCRIPT
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_bytes((data / "dracut" / "90particle" / "particle-trial.sh").read_bytes())
+    script.chmod(0o755)
+    unit = ctx.tree / TRIAL_UNIT
+    unit.parent.mkdir(parents=True, exist_ok=True)
+    unit.write_bytes((data / "trial" / "particle-trial.service").read_bytes())
+    for name, where in TRIAL_DROPINS.items():
+        d = ctx.tree / where
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "50-particle-trial.conf").write_bytes((data / "trial" / name).read_bytes())
+    wants = unit.parent / "sysinit.target.wants"
+    wants.mkdir(exist_ok=True)
+    link = wants / unit.name
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    os.symlink(f"../{unit.name}", link)
+    ctx.extra_cmdline += trial_cmdline(ctx.spec.boot)
 
 
 def update_definitions(ctx: BuildContext) -> None:
@@ -31,6 +74,7 @@ def update_definitions(ctx: BuildContext) -> None:
         for name, text in files.items():
             (target / name).write_text(text)
     assess_units(ctx)
+    install_trial(ctx)
 
 
 def assess_units(ctx: BuildContext) -> None:

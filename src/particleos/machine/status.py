@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import bootlog, gpt
 from . import entries as boot_entries
-from . import gpt
 from .cli import MachineError
 from .entries import Entry, os_release_fields
 
@@ -140,6 +140,10 @@ def collect() -> dict[str, Any]:
     if booted is not None and booted.version != version:
         notes.append(f"switched without a firmware reboot: the boot loader started "
                      f"{booted.version}, /usr runs {version}")
+    failures = bootlog.failed_tries({e.id.lower(): e.state for e in entries})
+    by_entry: dict[str, list[dict[str, Any]]] = {}
+    for t in failures:
+        by_entry.setdefault(t.entry_id.lower(), []).append(t.to_json())
     bless = run_text([BLESS_BOOT, "status"]) if os.path.exists(BLESS_BOOT) else ""
     complete = run_text(["systemctl", "is-active", "boot-complete.target"])
     return {
@@ -152,7 +156,10 @@ def collect() -> dict[str, Any]:
         "boot_assessment": {"bless_boot": bless or None, "boot_complete": complete or None,
                             "marked_good": bless in ("good", "clean")},
         "slots": [s.to_json() for s in slots],
-        "entries": [e.to_json() | {"notes": e.notes} for e in entries],
+        "entries": [e.to_json() | {"notes": e.notes,
+                                   "failures": by_entry.get(e.id.lower(), [])}
+                    for e in entries],
+        "failed_tries": [t.to_json() for t in failures],
         "pending": pending,
         "update_source": update_source(),
         "notes": notes,
@@ -193,6 +200,9 @@ def render(st: dict[str, Any]) -> str:
     else:
         lines.append("pending:    nothing; the next boot runs this version")
     lines.append(f"updates:    {st['update_source'] or 'no update source in this image'}")
+    for t in st.get("failed_tries", []):
+        lines.append(f"failed:     {t['version']} try {t['try'] or '?'} (boot {t['boot']}): "
+                     f"{t['how']}")
     lines += [f"note:       {n}" for n in st["notes"]]
     return "\n".join(lines)
 

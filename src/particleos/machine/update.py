@@ -16,8 +16,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from . import bootlog, gpt, status, switch
 from . import entries as boot_entries
-from . import gpt, status, switch
 from .cli import MachineError
 from .entries import Entry
 from .versions import vercmp, version_key
@@ -202,6 +202,57 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def retry_target(found: list[Entry], version: str, on_disk: dict[str, bool],
+                 tries: int) -> tuple[Entry, str]:
+    """The bad entry of `version` and its new name with `tries` tries again (`+TRIES-0`)."""
+    matches = [e for e in found if e.version == version or
+               bootlog.version_of(e.id) == version]
+    if not matches:
+        known = ", ".join(sorted({e.version for e in found})) or "none"
+        raise MachineError(f"no boot entry of version {version} (boot entries: {known})")
+    bad = [e for e in matches if e.state == "bad"]
+    if not bad:
+        raise MachineError(f"{version} is not marked bad ({matches[0].path.name}): nothing to "
+                           "retry")
+    entry = bad[0]
+    if not on_disk.get(entry.path.name):
+        raise MachineError(f"the /usr of {version} is no longer on this disk (its slot holds "
+                           "another version): install it again instead")
+    return entry, boot_entries.counted_name(entry.id, tries, 0)
+
+
+def transfer_tries(default: int = 3) -> int:
+    """TriesLeft= of the UKI transfer: the tries a freshly installed version gets."""
+    for d in status.SYSUPDATE_DIRS:
+        for f in sorted(d.glob("*.transfer")) if d.is_dir() else []:
+            for line in f.read_text().splitlines():
+                if line.strip().startswith("TriesLeft="):
+                    try:
+                        return int(line.split("=", 1)[1])
+                    except ValueError:
+                        pass
+    return default
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    _, found = _entries()
+    image_id = boot_entries.os_release_fields(status.OS_RELEASE.read_text()).get("IMAGE_ID", "")
+    st_slots = status.slots_from_gpt(gpt.read_disk_gpt(_disk()), image_id)
+    status.link_entries(st_slots, found)
+    on_disk = {name: True for s in st_slots for name in s.entries}
+    entry, new_name = retry_target(found, args.version, on_disk, args.tries or transfer_tries())
+    target = entry.path.with_name(new_name)
+    if target.exists():
+        raise MachineError(f"{target} already exists")
+    os.rename(entry.path, target)
+    os.sync()  # the ESP is FAT: make the rename survive a power loss
+    forgotten = bootlog.forget(entry.id)
+    print(f"{args.version} gets {args.tries or transfer_tries()} tries again "
+          f"({entry.path.name} -> {new_name}); it boots next"
+          + (f"; {forgotten} records of its failed boots cleared" if forgotten else ""))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("update", help="download and install the newest version (sysupdate)")
     p.add_argument("--check", action="store_true", help="only say whether a newer version exists")
@@ -218,3 +269,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r = sub.add_parser("rollback", help="make the previous good version the default again")
     r.add_argument("--reboot", action="store_true", help="reboot into it")
     r.set_defaults(func=cmd_rollback)
+    t = sub.add_parser("retry", help="give a version marked bad its tries again")
+    t.add_argument("version", help="the version (see `particle status`)")
+    t.add_argument("--tries", type=int, help="how many (default: TriesLeft= of the update "
+                   "transfer)")
+    t.set_defaults(func=cmd_retry)

@@ -30,6 +30,8 @@ UNIT_RE = re.compile(
 PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9-]+)?(=[A-Za-z0-9.+~:-]+)?$")
 SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 MODE_RE = re.compile(r"^0?[0-7]{3,4}$")
+DURATION_RE = re.compile(r"^\s*(\d+)\s*(s|sec|min|m|h)?\s*$", re.IGNORECASE)
+DURATION_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 COMPRESSIONS = {
     "erofs": ("lz4hc", "lz4", "none"),
@@ -49,6 +51,22 @@ def parse_size(value: Any) -> int:
         raise ValueError(f"bad size {value!r} (allowed: a number with K, M, G or T, e.g. \"512M\")")
     if n <= 0:
         raise ValueError(f"bad size {value!r} (must be greater than zero)")
+    return n
+
+
+def parse_duration(value: Any) -> int:
+    """'10min', '90s', '1h' or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as \"10min\" or \"90s\"")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str) and (m := DURATION_RE.match(value)):
+        n = int(m.group(1)) * DURATION_UNITS[(m.group(2) or "").lower()]
+    else:
+        raise ValueError(f"bad duration {value!r} (allowed: seconds, or a number with s, min "
+                         "or h, e.g. \"10min\")")
+    if n <= 0:
+        raise ValueError(f"bad duration {value!r} (must be greater than zero)")
     return n
 
 
@@ -107,6 +125,11 @@ Version = Annotated[str, BeforeValidator(_version_str), AfterValidator(_check_ve
 UnitName = Annotated[str, AfterValidator(_check_unit)]
 PackageName = Annotated[str, AfterValidator(_check_package)]
 Mode = Annotated[str, AfterValidator(_check_mode)]
+Duration = Annotated[
+    int,
+    BeforeValidator(parse_duration),
+    Field(json_schema_extra={"type": ["string", "integer"], "examples": ["10min", "90s"]}),
+]
 Size = Annotated[
     int,
     BeforeValidator(parse_size),
@@ -263,7 +286,18 @@ class Boot(Model):
     )
     on_failure: Literal["reboot", "none"] = Field(
         "reboot",
-        description="A failed assessment unit reboots (the boot loader counts down the tries).",
+        description="A failed assessment unit reboots (the boot loader counts down the tries); "
+        "reboot also makes every other failure of a boot still being tried reboot "
+        "(emergency mode, a hang past trial_timeout).",
+    )
+    trial_timeout: Duration = Field(
+        600,
+        description="A boot still being tried that has not reached boot-complete.target this "
+        "long after the start of the initrd, or of the real root, reboots (a failed try). "
+        "Size it for the slowest healthy first boot.",
+    )
+    panic_reboot: Duration = Field(
+        10, description="Seconds after a kernel panic before the machine reboots (panic=)."
     )
 
 

@@ -83,7 +83,9 @@ tries = 3                        # boot attempts of a new version before falling
 # a failing one reboots, and after `tries` failed boots the previous version comes back.
 # [boot]
 # assess = ["my-health-check.service"]
-# on_failure = "reboot"          # reboot | none
+# on_failure = "reboot"          # reboot | none: any failure of a boot being tried reboots
+# trial_timeout = "10min"        # a boot being tried that hangs this long reboots
+# panic_reboot = "10s"           # a panicked kernel reboots after this (panic=)
 
 # System extensions (sysext) built against exactly this /usr, e.g. developer tools.
 # [extensions.devtools]
