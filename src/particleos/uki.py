@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .spec import Spec
+from .spec.model import Boot
 from .tools import ToolsTree
 
 
@@ -20,6 +22,22 @@ def usr_cmdline(root_hash_hex: str, filesystem: str, extra: list[str]) -> list[s
         "systemd.firstboot=off",
         *extra,
     ]
+
+
+def trial_cmdline(boot: Boot) -> list[str]:
+    """panic= always (a panicking kernel reboots, blessed or not: nobody can use a panicked
+    machine); particle.trial_timeout= tells particle-trial, in the initrd and the real root,
+    to make a counted boot reboot on any failure (absent: on_failure = "none")."""
+    args = [f"panic={boot.panic_reboot}"]
+    if boot.on_failure == "reboot":
+        args.append(f"particle.trial_timeout={boot.trial_timeout}")
+    return args
+
+
+def spec_cmdline(spec: Spec) -> list[str]:
+    """What the spec adds to every version's kernel command line: its own arguments, then the
+    trial-boot switches (the /usr signature, when signed, follows)."""
+    return [*spec.kernel.cmdline, *trial_cmdline(spec.boot)]
 
 
 def build_uki(

@@ -22,14 +22,14 @@ from typing import Any
 import pytest
 
 from particleos import runner
-from particleos.build import BuildResult
+from particleos.builder import BuildResult
 from particleos.disk import PartType, read_table
-from particleos.relay import user_nic
 from particleos.update.publish import publish
 from particleos.vm import VM, VMOptions
 
 from .conftest import BuildFn
 from .guestshell import GuestShell
+from .relay import user_nic
 from .updateserver import UpdateServer
 
 pytestmark = pytest.mark.slow

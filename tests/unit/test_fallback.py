@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from particleos.build.context import BuildContext
-from particleos.build.updates import TRIAL_SCRIPT, TRIAL_UNIT, update_definitions
+from particleos import uki
+from particleos.builder.context import BuildContext
+from particleos.builder.updates import TRIAL_SCRIPT, TRIAL_UNIT, update_definitions
 from particleos.errors import SpecError
 from particleos.machine import bootlog, entries, status
 from particleos.machine.cli import MachineError, build_parser
@@ -198,7 +199,7 @@ def test_build_installs_the_units_and_the_command_line(tmp_path: Path) -> None:
     ctx = stage_ctx(tmp_path / "a", '[system]\nid = "demo"\n[boot]\ntrial_timeout = "15min"\n'
                     'panic_reboot = 30\n')
     update_definitions(ctx)
-    assert ctx.extra_cmdline == ["panic=30", "particle.trial_timeout=900"]
+    assert uki.spec_cmdline(ctx.spec) == ["panic=30", "particle.trial_timeout=900"]
     assert ctx.tree is not None
     assert (ctx.tree / TRIAL_SCRIPT).read_bytes() == SCRIPT.read_bytes()
     assert (ctx.tree / TRIAL_UNIT).is_file()
@@ -208,7 +209,7 @@ def test_build_installs_the_units_and_the_command_line(tmp_path: Path) -> None:
         ctx.tree / "usr/lib/systemd/system/emergency.service.d/50-particle-trial.conf").read_text()
     none = stage_ctx(tmp_path / "b", '[system]\nid = "demo"\n[boot]\non_failure = "none"\n')
     update_definitions(none)
-    assert none.extra_cmdline == ["panic=10"]  # the default trial_timeout is 10 min
+    assert uki.spec_cmdline(none.spec) == ["panic=10"]  # no trial switches: no reboots
 
 
 def test_spec_durations(tmp_path: Path) -> None:

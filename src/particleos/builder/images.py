@@ -33,7 +33,7 @@ def build_uki(ctx: BuildContext) -> None:
     assert ctx.usr_signature_cmdline is not None
     cmdline = uki.usr_cmdline(
         ctx.root_hash.hex(), ctx.spec.image.filesystem,
-        [*ctx.spec.kernel.cmdline, *ctx.usr_signature_cmdline],
+        [*uki.spec_cmdline(ctx.spec), *ctx.usr_signature_cmdline],
     )
     out = ctx.work_dir / "uki.efi"
     uki.build_uki(

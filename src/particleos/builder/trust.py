@@ -91,7 +91,7 @@ def sign_verity(ctx: BuildContext) -> None:
     sig.write_bytes(verity_signature_partition(pair, root_hash))
     extra = usr_signature_cmdline(pair, root_hash)
     cmdline = " ".join(
-        uki.usr_cmdline(root_hash, ctx.spec.image.filesystem, [*ctx.spec.kernel.cmdline, *extra])
+        uki.usr_cmdline(root_hash, ctx.spec.image.filesystem, [*uki.spec_cmdline(ctx.spec), *extra])
     )
     if len(cmdline) > KERNEL_CMDLINE_MAX:
         raise ParticleError(

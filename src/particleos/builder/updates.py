@@ -11,7 +11,6 @@ import os
 from importlib import resources
 
 from ..errors import ParticleError
-from ..spec.model import Boot
 from ..update.transfer import SYSUPDATE_DIR, transfer_files
 from .context import BuildContext
 from .trust import verify_updates
@@ -21,16 +20,6 @@ TRIAL_SCRIPT = "usr/lib/particle/particle-trial"
 TRIAL_UNIT = "usr/lib/systemd/system/particle-trial.service"
 TRIAL_DROPINS = {"emergency-trial.conf": "usr/lib/systemd/system/emergency.service.d",
                  "rescue-trial.conf": "usr/lib/systemd/system/rescue.service.d"}
-
-
-def trial_cmdline(boot: Boot) -> list[str]:
-    """panic= always (a panicking kernel reboots, blessed or not: nobody can use a panicked
-    machine); particle.trial_timeout= tells particle-trial, in the initrd and the real root,
-    to make a counted boot reboot on any failure (absent: on_failure = "none")."""
-    args = [f"panic={boot.panic_reboot}"]
-    if boot.on_failure == "reboot":
-        args.append(f"particle.trial_timeout={boot.trial_timeout}")
-    return args
 
 
 def install_trial(ctx: BuildContext) -> None:
@@ -55,7 +44,6 @@ def install_trial(ctx: BuildContext) -> None:
     if link.is_symlink() or link.exists():
         link.unlink()
     os.symlink(f"../{unit.name}", link)
-    ctx.extra_cmdline += trial_cmdline(ctx.spec.boot)
 
 
 def update_definitions(ctx: BuildContext) -> None:
