@@ -46,6 +46,7 @@ MKOSI_PACKAGES = (
     "python3-pefile", "openssl", "sbsigntool", "uidmap",
 )
 BOOT_TIMEOUT = 900.0
+STEP = re.compile(r"^‣ {1,2}(\S.*)$")
 
 
 def package_list(spec: Spec) -> list[str]:
@@ -141,22 +142,38 @@ def mkosi_tools(where: Path, mirror: str) -> ToolsTree:
                      marker="usr/bin/mkosi")
 
 
-def run_mkosi(tools: ToolsTree, root: Path, conf: Path, *, log: Path) -> float:
-    """One `mkosi build` in the tools tree (chroot, private mount namespace, network on)."""
+def run_mkosi(tools: ToolsTree, root: Path, conf: Path, *, log: Path
+              ) -> tuple[float, dict[str, float]]:
+    """One `mkosi build` in the tools tree (chroot, private mount namespace, network on).
+    Returns the wall time and the seconds spent in each of mkosi's steps (its "‣ Step" lines
+    of the first two levels, timed as they arrive)."""
     tree = tools.ensure()
     for d in ("out", "cache", "pkgcache", "workspace"):
         (root / d).mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
-    proc = subprocess.run(
+    steps: dict[str, float] = {}
+    start = last = time.monotonic()
+    step = "start"
+    with log.open("ab") as out, subprocess.Popen(
         ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
          _MKOSI_ENTER, "mkosi-bench", str(tree), str(root), str(conf)],
-        stdout=log.open("ab"), stderr=subprocess.STDOUT, check=False,
-    )
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    ) as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            out.write(raw)
+            line = raw.decode(errors="replace").rstrip()
+            m = STEP.match(line)
+            if m and '"' not in line and "not found" not in line:
+                now = time.monotonic()
+                steps[step] = steps.get(step, 0.0) + now - last
+                step, last = m.group(1).rstrip("…. "), now
+        code = proc.wait()
     elapsed = time.monotonic() - start
-    if proc.returncode != 0:
+    steps[step] = steps.get(step, 0.0) + start + elapsed - last
+    if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        raise ParticleError(f"mkosi failed (exit {proc.returncode}); log {log}:\n{tail}")
-    return elapsed
+        raise ParticleError(f"mkosi failed (exit {code}); log {log}:\n{tail}")
+    return elapsed, steps
 
 
 # Like particleos.tools.run_in_root (chroot in a private mount namespace), with the
@@ -192,7 +209,7 @@ class Figures:
     usr: Path | None = None
     uki: Path | None = None
     boot: float | None = None
-    notes: list[str] = field(default_factory=list)
+    cold_stages: dict[str, float] = field(default_factory=dict)
 
 
 def allocated(path: Path) -> int:
@@ -245,6 +262,8 @@ def measure_particle(
 
     counter = iter(range(1, 1000))
 
+    stages: list[dict[str, float]] = []
+
     def one(overrides: list[str]) -> tuple[float, Path]:
         version = str(next(counter))
         spec = load_spec(spec_path, overrides=[f"system.version={version}", *overrides])
@@ -252,7 +271,7 @@ def measure_particle(
         start = time.monotonic()
         result = build(spec, out)
         elapsed = time.monotonic() - start
-        ui.quiet = True
+        stages.append(result.timings)
         print(f"  particle build {version}: {elapsed:.1f} s, cache_hit={result.cache_hit}, "
               f"stages {result.timings}", file=sys.stderr)
         return elapsed, result.disk
@@ -263,6 +282,7 @@ def measure_particle(
             wipe()
         fig = Figures()
         fig.cold, disk = one([])
+        fig.cold_stages = stages[-1]
         for _ in range(runs):
             fig.nochange.append(one([])[0])
         for i in range(runs):
@@ -289,12 +309,16 @@ def measure_mkosi(
     base = package_list(spec)
     counter = iter(range(1, 1000))
 
+    stages: list[dict[str, float]] = []
+
     def one(packages: list[str]) -> tuple[float, Path]:
         version = str(next(counter))
         conf = mkosi_config(root, spec, packages, version)
         shutil.rmtree(root / "out", ignore_errors=True)
-        elapsed = run_mkosi(tools, root, conf, log=log)
-        print(f"  mkosi build {version}: {elapsed:.1f} s", file=sys.stderr)
+        elapsed, steps = run_mkosi(tools, root, conf, log=log)
+        stages.append(steps)
+        print(f"  mkosi build {version}: {elapsed:.1f} s, steps "
+              f"{ {k: round(v, 1) for k, v in steps.items()} }", file=sys.stderr)
         return elapsed, root / "out" / f"{spec.system.id}_{version}.raw"
 
     # The package cache persists across benchmark runs (it is the "warm archives").
@@ -308,6 +332,7 @@ def measure_mkosi(
         shutil.rmtree(root / "cache")
     fig = Figures()
     fig.cold, disk = one(base)
+    fig.cold_stages = stages[-1]
     keep = root / "kept"
     shutil.copytree(root / "out", keep, symlinks=True)
     for _ in range(runs):
@@ -401,6 +426,12 @@ def report(ours: Figures | None, theirs: Figures | None, pkg: str) -> None:
     print(row("/usr file system", usr(ours), usr(theirs), "MiB"))
     print(row("UKI", size(ours, "uki"), size(theirs, "uki"), "MiB"))
     print(row("boot to login:", ours.boot if ours else None, theirs.boot if theirs else None, "s"))
+    if ours and ours.cold_stages:
+        print("particle cold build by stage: " + ", ".join(
+            f"{k} {v:.0f} s" for k, v in ours.cold_stages.items()))
+    if theirs and theirs.cold_stages:
+        print("mkosi cold build by step (>= 1 s): " + ", ".join(
+            f"{k} {v:.0f} s" for k, v in theirs.cold_stages.items() if v >= 1))
     if ours and ours.cold:
         plus = med(ours, "plus")
         if plus:
