@@ -47,6 +47,7 @@ MKOSI_PACKAGES = (
 )
 BOOT_TIMEOUT = 900.0
 STEP = re.compile(r"^‣ {1,2}(\S.*)$")
+NOT_STEPS = ('"', "not found", "is a dependency", " consumes ")  # messages, not steps
 
 
 def package_list(spec: Spec) -> list[str]:
@@ -163,7 +164,7 @@ def run_mkosi(tools: ToolsTree, root: Path, conf: Path, *, log: Path
             out.write(raw)
             line = raw.decode(errors="replace").rstrip()
             m = STEP.match(line)
-            if m and '"' not in line and "not found" not in line:
+            if m and not any(x in line for x in NOT_STEPS):
                 now = time.monotonic()
                 steps[step] = steps.get(step, 0.0) + now - last
                 step, last = m.group(1).rstrip("…. "), now
