@@ -62,7 +62,9 @@ def package_list(spec: Spec) -> list[str]:
 # --- mkosi -----------------------------------------------------------------------------------
 
 
-def mkosi_config(root: Path, spec: Spec, packages: list[str], version: str) -> Path:
+def mkosi_config(
+    root: Path, spec: Spec, packages: list[str], version: str, pkgcache: Path
+) -> Path:
     """A mkosi project equivalent to the spec: Debian release/mirror/packages of our bootstrap,
     a disk image with ESP (systemd-boot + UKI), an erofs /usr with verity (usrhash= on the
     UKI's command line), an empty slot B of the same sizes and an ext4 root."""
@@ -100,7 +102,7 @@ WithDocs=no
 [Build]
 Incremental=yes
 CacheDirectory={root / "cache"}
-PackageCacheDirectory={root / "pkgcache"}
+PackageCacheDirectory={pkgcache}
 WorkspaceDirectory={root / "workspace"}
 """)
     comp = img.compression or ("lz4hc" if img.filesystem == "erofs" else "zstd")
@@ -143,20 +145,20 @@ def mkosi_tools(where: Path, mirror: str) -> ToolsTree:
                      marker="usr/bin/mkosi")
 
 
-def run_mkosi(tools: ToolsTree, root: Path, conf: Path, *, log: Path
+def run_mkosi(tools: ToolsTree, root: Path, conf: Path, pkgcache: Path, *, log: Path
               ) -> tuple[float, dict[str, float]]:
     """One `mkosi build` in the tools tree (chroot, private mount namespace, network on).
     Returns the wall time and the seconds spent in each of mkosi's steps (its "‣ Step" lines
     of the first two levels, timed as they arrive)."""
     tree = tools.ensure()
-    for d in ("out", "cache", "pkgcache", "workspace"):
-        (root / d).mkdir(parents=True, exist_ok=True)
+    for d in (root / "out", root / "cache", root / "workspace", pkgcache):
+        d.mkdir(parents=True, exist_ok=True)
     steps: dict[str, float] = {}
     start = last = time.monotonic()
     step = "start"
     with log.open("ab") as out, subprocess.Popen(
         ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-         _MKOSI_ENTER, "mkosi-bench", str(tree), str(root), str(conf)],
+         _MKOSI_ENTER, "mkosi-bench", str(tree), str(root), str(conf), str(pkgcache)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     ) as proc:
         assert proc.stdout is not None
@@ -182,15 +184,16 @@ def run_mkosi(tools: ToolsTree, root: Path, conf: Path, *, log: Path
 # first bound onto itself: mkosi's sandbox remounts "/" (MS_SLAVE), which must be a mount.
 _MKOSI_ENTER = r"""
 set -e
-tree="$1"; root="$2"; conf="$3"
+tree="$1"; root="$2"; conf="$3"; pkgcache="$4"
 mount --bind "$tree" "$tree"
 mount --bind /dev "$tree/dev"
 mount -t proc proc "$tree/proc"
 mount -t sysfs sysfs "$tree/sys"
 mount -t tmpfs tmpfs "$tree/tmp"
 mount -t tmpfs tmpfs "$tree/var/tmp"
-mkdir -p "$tree$root"
+mkdir -p "$tree$root" "$tree$pkgcache"
 mount --bind "$root" "$tree$root"
+mount --bind "$pkgcache" "$tree$pkgcache"
 rm -f "$tree/etc/resolv.conf"
 cp -L /etc/resolv.conf "$tree/etc/resolv.conf" 2>/dev/null || true
 exec chroot "$tree" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 HOME=/root \
@@ -307,6 +310,7 @@ def measure_mkosi(
     root = bench / "mkosi"
     log = home / "last-run.log"  # outlives the run, for when mkosi fails
     log.unlink(missing_ok=True)
+    pkgcache = home / "pkgcache"  # persists across runs: the "warm archives"
     base = package_list(spec)
     counter = iter(range(1, 1000))
 
@@ -314,19 +318,15 @@ def measure_mkosi(
 
     def one(packages: list[str]) -> tuple[float, Path]:
         version = str(next(counter))
-        conf = mkosi_config(root, spec, packages, version)
+        conf = mkosi_config(root, spec, packages, version, pkgcache)
         shutil.rmtree(root / "out", ignore_errors=True)
-        elapsed, steps = run_mkosi(tools, root, conf, log=log)
+        elapsed, steps = run_mkosi(tools, root, conf, pkgcache, log=log)
         stages.append(steps)
         print(f"  mkosi build {version}: {elapsed:.1f} s, steps "
               f"{ {k: round(v, 1) for k, v in steps.items()} }", file=sys.stderr)
         return elapsed, root / "out" / f"{spec.system.id}_{version}.raw"
 
-    # The package cache persists across benchmark runs (it is the "warm archives").
     root.mkdir(parents=True, exist_ok=True)
-    pkgcache = home / "pkgcache"
-    pkgcache.mkdir(parents=True, exist_ok=True)
-    (root / "pkgcache").symlink_to(pkgcache)
     tools.ensure()
     if warm_up:
         one([*base, plus_pkg])
