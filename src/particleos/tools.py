@@ -80,24 +80,35 @@ def run_in_root(
 
 
 class ToolsTree:
-    """A cached trixie root with the build tools; created on first use (about a minute)."""
+    """A cached trixie root with the build tools; created on first use (about a minute).
+    `packages`, `where` and `marker` (a file whose presence means the tree is complete) let
+    other trees, such as the mkosi benchmark's, reuse the same code path."""
 
-    def __init__(self, mirror: str = "http://deb.debian.org/debian") -> None:
+    def __init__(
+        self,
+        mirror: str = "http://deb.debian.org/debian",
+        *,
+        packages: Sequence[str] = TOOLS_PACKAGES,
+        where: Path | None = None,
+        marker: str = "usr/bin/ukify",
+    ) -> None:
         self.mirror = mirror
+        self.packages = tuple(packages)
+        self.marker = marker
         key = hashlib.sha256(
-            "\n".join([TOOLS_RELEASE, mirror, TOOLS_LAYOUT_VERSION, *TOOLS_PACKAGES]).encode()
+            "\n".join([TOOLS_RELEASE, mirror, TOOLS_LAYOUT_VERSION, *self.packages]).encode()
         ).hexdigest()[:16]
-        self.path = cache_root() / "tools" / f"{TOOLS_RELEASE}-{key}"
+        self.path = (where or cache_root() / "tools") / f"{TOOLS_RELEASE}-{key}"
 
     def ensure(self) -> Path:
-        if (self.path / "usr/bin/ukify").exists():
+        if (self.path / self.marker).exists():
             ui.debug(f"tools tree: {self.path} (cache hit)")
             return self.path
         with ui.step("Preparing the tools tree (once)"), atomic_dir(self.path) as tmp:
             runner.run(
                 [
                     "mmdebstrap", "--variant=apt", "--mode=root",
-                    "--include=" + ",".join(TOOLS_PACKAGES),
+                    "--include=" + ",".join(self.packages),
                     "--dpkgopt=path-exclude=/usr/share/man/*",
                     "--dpkgopt=path-exclude=/usr/share/doc/*",
                     "--dpkgopt=path-exclude=/usr/share/locale/*",
