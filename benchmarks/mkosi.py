@@ -51,12 +51,10 @@ NOT_STEPS = ('"', "not found", "is a dependency", " consumes ")  # messages, not
 
 
 def package_list(spec: Spec) -> list[str]:
-    """The packages particle's bootstrap installs for `spec` (whatever its internal API)."""
-    from types import SimpleNamespace
-
+    """The packages particle's bootstrap installs for `spec` (base layer + the spec's)."""
     from particleos.builder import bootstrap
 
-    return list(bootstrap.package_list(SimpleNamespace(spec=spec)))  # type: ignore[arg-type]
+    return list(bootstrap.package_list(spec))
 
 
 # --- mkosi -----------------------------------------------------------------------------------
