@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import entries as boot_entries
-from . import gpt
+from . import etcmerge, gpt
 from .cli import MachineError
 from .entries import Entry, os_release_fields
 
@@ -155,6 +155,8 @@ def collect() -> dict[str, Any]:
         "entries": [e.to_json() | {"notes": e.notes} for e in entries],
         "pending": pending,
         "update_source": update_source(),
+        "etc": {"derived_from": etcmerge.stamp_version(Path("/etc")),
+                "conflicts": etcmerge.conflicts(Path("/etc"))},
         "notes": notes,
     }
 
@@ -193,6 +195,11 @@ def render(st: dict[str, Any]) -> str:
     else:
         lines.append("pending:    nothing; the next boot runs this version")
     lines.append(f"updates:    {st['update_source'] or 'no update source in this image'}")
+    for c in st.get("etc", {}).get("conflicts", []):
+        beside = (f"new factory version in {c['new_factory_version']}"
+                  if c["new_factory_version"] else "removed from the factory /etc")
+        lines.append(f"/etc conflict: {c['path']} kept as changed here; {beside} "
+                     f"(since {c['since']}; `particle etc diff {c['path']}`)")
     lines += [f"note:       {n}" for n in st["notes"]]
     return "\n".join(lines)
 
