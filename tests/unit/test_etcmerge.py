@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,8 @@ from particleos.machine import etcmerge
 from particleos.machine.cli import main as machine_main
 from particleos.machine.status import render
 
-SCRIPT = Path(__file__).resolve().parents[2] / "src/particleos/data/dracut/90particle/particle-etc.sh"
-
-Tree = dict[str, "str | tuple[str, int] | Callable[[Path], None]"]
+SCRIPT = (Path(__file__).resolve().parents[2]
+          / "src/particleos/data/dracut/90particle/particle-etc.sh")
 
 
 def make_tree(root: Path, files: dict[str, object]) -> None:
