@@ -179,20 +179,23 @@ def test_merge_rules_on_directories_and_deletions(tmp_path: Path) -> None:
     base, theirs, ours = tmp_path / "b", tmp_path / "t", tmp_path / "o"
     make_tree(base, {"d/x": "1", "e/y": "1", "f/z": "1", "g": "1", "same": "1"})
     make_tree(theirs, {"d/x": "2", "f/z": "2", "g": "2", "same": "2", "h": "new"})
+    make_tree(base, {"k/u": "1", "k/v": "1"})
     make_tree(ours, {"d/x": "1", "d/mine": "m", "e/y": "1", "e/added": "a", "g": "1",
-                     "same": "2", "h": "mine"})
-    # d: merged path by path. e: removed by the factory, but a file was added here: kept,
-    # listed. f: removed here, changed in the factory: stays removed, factory's saved beside.
+                     "same": "2", "h": "mine", "k/u": "1", "k/v": "changed"})
+    # d: merged path by path. e: removed by the factory, a file was added in it here: the
+    # factory's file goes, the owner's stays. k: removed by the factory, a file changed here:
+    # kept and listed, the unchanged one goes. f: removed here, changed in the factory:
+    # stays removed, the factory's saved beside.
     # same: changed alike on both sides. h: added on both sides differently: a conflict.
     p = etcmerge.plan(etcmerge.scan(base), etcmerge.scan(theirs), etcmerge.scan(ours))
     out = tmp_path / "out"
     etcmerge.build(p, theirs, ours, out)
     got = {str(f.relative_to(out)): f.read_text() for f in sorted(out.rglob("*")) if f.is_file()}
-    assert got == {"d/x": "2", "d/mine": "m", "e/y": "1", "e/added": "a", "g": "2",
+    assert got == {"d/x": "2", "d/mine": "m", "e/added": "a", "g": "2",
                    "same": "2", "h": "mine", "h.particle-new": "new",
-                   "f.particle-new/z": "2"}
+                   "f.particle-new/z": "2", "k/v": "changed"}
     reasons = {c["path"]: c["reason"] for c in p.conflicts}
-    assert reasons == {"e": "changed here, removed in the new version",
+    assert reasons == {"k/v": "changed here, removed in the new version",
                        "f": "removed here, changed in the new version",
                        "h": "changed here and in the new version"}
 

@@ -126,8 +126,8 @@ def plan(base: dict[str, Node], theirs: dict[str, Node], ours: dict[str, Node]) 
     """Decide every path, parents before children. Unchanged here -> the new factory's;
     unchanged in the factory -> ours; changed alike on both sides -> ours; changed
     differently on both -> ours, the factory's saved beside it, listed as a conflict. A
-    directory on both sides merges path by path; where one side is not a directory the
-    whole subtree is compared as one."""
+    directory on both sides (or one the new version dropped) merges path by path; where one
+    side is not a directory the whole subtree is compared as one."""
     p = Plan({}, [], [])
     index: dict[str, set[str]] = {}
     for tree in (base, theirs, ours):
@@ -147,6 +147,16 @@ def plan(base: dict[str, Node], theirs: dict[str, Node], ours: dict[str, Node]) 
                 p.take[rel] = "ours"
             for child in children(rel):
                 decide(child)
+            return
+        if o is not None and o.is_dir and b is not None and b.is_dir and t is None:
+            # The new version dropped this directory: what is unchanged in it goes, what
+            # the owner added or changed stays (and keeps the directory).
+            p.take[rel] = "ours"
+            kept = len(p.take)
+            for child in children(rel):
+                decide(child)
+            if len(p.take) == kept:
+                del p.take[rel]
             return
         sb, st, so = subtree(base, rel), subtree(theirs, rel), subtree(ours, rel)
         if so == sb:
