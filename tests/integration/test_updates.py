@@ -71,6 +71,16 @@ class Machine:
         self.sh.login(BOOT_TIMEOUT)
         return self.sh
 
+    def power_on_and_cut(self, pattern: str, after: float) -> None:
+        """Power on, and pull the plug `after` seconds after `pattern` shows on the console."""
+        assert self.vm is None
+        opts = VMOptions(nic=[user_nic(self.server.port)], vars_file=self.vars,
+                         log=self.dir / "console.log")
+        self.vm = VM(self.disk, opts).start()
+        self.vm.expect(pattern, BOOT_TIMEOUT)
+        time.sleep(after)
+        self.power_off()
+
     def power_off(self) -> None:
         """Pull the plug: QEMU is killed, whatever the guest was doing."""
         if self.vm is not None:
@@ -365,7 +375,21 @@ def test_power_loss_during_an_update_never_leaves_an_unbootable_machine(
     log = m.console_since(mark)
     m.power_off()
     assert ("removed an interrupted download" in log) == interrupted
+    # 4. During the /etc merge at v5's first boot, in the initrd (a few seconds after the
+    # merge unit starts; where exactly it lands is noted): the next boot has a whole /etc.
+    m.power_on_and_cut(r"Starting \S*particle-etc\.service", after=3)
     sh = m.start()
+    assert m.vm is not None
+    done = re.findall(r"particle: (merged /etc|restored the /etc|/etc belongs)", m.vm.text())
+    m.figures["etc_merge_after_power_cut"] = done[-1] if done else None
+    etc = etc_state(m)
+    assert etc["derived_from"] == V5
+    assert cat(sh, "/etc/particle-test/local.conf") == "mine"  # the owner's, as merged
+    assert cat(sh, "/etc/particle-test/changes.conf") is None  # v5 dropped it (from v2)
+    assert cat(sh, "/etc/motd") == OWN_MOTD
+    assert [c["path"] for c in etc["conflicts"]] == ["/etc/motd"]
+    assert sh.out("ls -a / | grep -c particle-new || true") == "0"
+    assert sh.out("ls /var/lib/particle/etc/saved") == V2
     st = m.status()
     assert st["version"] == V5 and st["running_slot"] == "A"
     assert entry(st, V5)["booted"] and entry(st, V5)["state"] == "good"  # counted, blessed
