@@ -38,6 +38,11 @@ ID = "particle-minimal"
 TRIES = 2  # [update] tries of tests/integration/specs/updates
 V1, V2, V3, V4, V5, V6 = (f"2.0.{i}" for i in range(1, 7))
 BROKEN = {V3}  # built from specs/updates-broken: fails particle-health.service
+# /etc across updates: v1 and v2 differ in their factory /etc (specs/updates-etc-v1 and
+# specs/updates-etc); the others have neither version's /etc/particle-test files.
+SPECS = {V1: "updates-etc-v1", V2: "updates-etc", V3: "updates-broken"}
+OWN_MOTD = "the owner's own motd"
+V2_MOTD = "Welcome to particle-minimal v2."
 BOOT_TIMEOUT = 600
 
 
@@ -65,6 +70,16 @@ class Machine:
         self.sh = GuestShell(self.vm)
         self.sh.login(BOOT_TIMEOUT)
         return self.sh
+
+    def power_on_and_cut(self, pattern: str, after: float) -> None:
+        """Power on, and pull the plug `after` seconds after `pattern` shows on the console."""
+        assert self.vm is None
+        opts = VMOptions(nic=[user_nic(self.server.port)], vars_file=self.vars,
+                         log=self.dir / "console.log")
+        self.vm = VM(self.disk, opts).start()
+        self.vm.expect(pattern, BOOT_TIMEOUT)
+        time.sleep(after)
+        self.power_off()
 
     def power_off(self) -> None:
         """Pull the plug: QEMU is killed, whatever the guest was doing."""
@@ -98,7 +113,7 @@ class Machine:
 @pytest.fixture(scope="module")
 def machine(build_image: BuildFn, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     def builds(version: str) -> BuildResult:
-        return build_image("updates-broken" if version in BROKEN else "updates", version)
+        return build_image(SPECS.get(version, "updates"), version)
 
     for v in (V1, V2, V3, V4, V5, V6):  # all up front: the VM then never waits for a build
         builds(v)
@@ -151,6 +166,28 @@ def usr_slaves(sh: GuestShell) -> list[str]:
                   "$(findmnt -no SOURCE /usr)))/slaves").split()
 
 
+def etc_state(m: Machine) -> dict[str, Any]:
+    """/etc as `particle status --json` reports it."""
+    found: dict[str, Any] = m.status()["etc"]
+    return found
+
+
+def cat(sh: GuestShell, path: str) -> str | None:
+    rc, out = sh.run(f"cat {path}", check=False)
+    return out.strip() if rc == 0 else None
+
+
+def assert_v2_etc(sh: GuestShell) -> None:
+    """The /etc the v2 update merged: v2's changes where the owner made none, the owner's
+    where v2 made none, the owner's motd with v2's beside it."""
+    assert cat(sh, "/etc/particle-test/changes.conf") == "level=2"
+    assert cat(sh, "/etc/particle-test/added.conf") == "added in v2"
+    assert cat(sh, "/etc/particle-test/goes-away.conf") is None
+    assert cat(sh, "/etc/particle-test/local.conf") == "mine"
+    assert cat(sh, "/etc/motd") == OWN_MOTD
+    assert cat(sh, "/etc/motd.particle-new") == V2_MOTD
+
+
 def test_v1_boots_and_updates_to_v2_in_the_other_slot(machine: Machine) -> None:
     m = machine
     sh = m.start()
@@ -166,6 +203,10 @@ def test_v1_boots_and_updates_to_v2_in_the_other_slot(machine: Machine) -> None:
     assert f"TriesLeft={TRIES}" in uki_transfer and "InstancesMax=2" in uki_transfer
     m.publish(V1)
     assert f"up to date: {V1}" in sh.out("particle update --check")
+    # The owner edits a factory file that v2 changes too, and adds one of their own.
+    assert etc_state(m) == {"derived_from": V1, "conflicts": []}
+    assert cat(sh, "/etc/particle-test/changes.conf") == "level=1"
+    sh.run(f"echo \"{OWN_MOTD}\" > /etc/motd; echo mine > /etc/particle-test/local.conf; sync")
 
     m.figures["update_bytes"] = m.publish(V2)
     assert f"update available: {V2} (running {V1})" in sh.out("particle update --check")
@@ -189,6 +230,18 @@ def test_v1_boots_and_updates_to_v2_in_the_other_slot(machine: Machine) -> None:
                                      "marked_good": True}
     assert sh.out("grep IMAGE_VERSION /usr/lib/os-release") == f'IMAGE_VERSION="{V2}"'
     assert "particle-minimal" in sh.out("particle status")  # the human-readable form works
+    # /etc was merged three ways before anything read it; the conflict is listed.
+    assert_v2_etc(sh)
+    etc = etc_state(m)
+    assert etc["derived_from"] == V2
+    assert [(c["path"], c["new_factory_version"], c["since"]) for c in etc["conflicts"]] == [
+        ("/etc/motd", "/etc/motd.particle-new", V2)]
+    assert "/etc conflict: /etc/motd" in sh.out("particle status")
+    diff = sh.out("particle etc diff")
+    assert "changed  /etc/motd" in diff and f"+{OWN_MOTD}" in diff
+    assert "added    /etc/particle-test/local.conf" in diff
+    assert "/etc/particle-test/changes.conf" not in diff  # v2's own change is no local edit
+    assert sh.out("ls /var/lib/particle/etc/saved") == V1  # v1's /etc, for a rollback
 
 
 def test_v3_fails_its_boot_assessment_and_v2_comes_back_by_itself(machine: Machine) -> None:
@@ -216,6 +269,12 @@ def test_v3_fails_its_boot_assessment_and_v2_comes_back_by_itself(machine: Machi
     assert st["pending"] is None
     check_slot_matches_build(slot(st, "A"), m.builds(V3))  # v1's slot, reused once
     assert "bad (no tries left" in sh.out("particle status")
+    # v3's first boot merged /etc (v3 has none of v2's /etc/particle-test files); v2 boots
+    # with the /etc it had, and the one v3 merged is kept aside.
+    assert etc_state(m)["derived_from"] == V2
+    assert_v2_etc(sh)
+    assert sh.out("ls /var/lib/particle/etc/saved") == V3
+    assert cat(sh, f"/var/lib/particle/etc/saved/{V3}/particle-test/changes.conf") is None
 
 
 def test_v4_installs_into_the_reused_slot_and_boots(machine: Machine) -> None:
@@ -230,6 +289,10 @@ def test_v4_installs_into_the_reused_slot_and_boots(machine: Machine) -> None:
     check_slot_matches_build(slot(st, "A"), m.builds(V4))
     check_slot_matches_build(slot(st, "B"), m.builds(V2))
     assert [e["version"] for e in st["entries"]] == [V4, V2]  # v3 was vacuumed
+    # Merged from v2's /etc: v2's files the owner left alone went with v2's factory.
+    assert etc_state(m)["derived_from"] == V4
+    assert cat(sh, "/etc/particle-test/changes.conf") is None
+    assert cat(sh, "/etc/particle-test/local.conf") == "mine"
     assert entry(st, V4)["state"] == "good" and st["boot_assessment"]["marked_good"]
     # systemd#34528: nothing re-creates or re-labels slots behind sysupdate's back.
     assert sh.run("systemctl is-failed --quiet systemd-repart.service", check=False)[0] != 0
@@ -251,6 +314,8 @@ def test_rollback_brings_back_the_previous_version(machine: Machine) -> None:
     assert m.sh is not None
     rc, out = m.sh.run("particle rollback", check=False)  # v4 is bad: nothing to go back to
     assert rc == 1 and "no other good version" in out
+    assert etc_state(m)["derived_from"] == V2  # the /etc v2 last had
+    assert_v2_etc(m.sh)
 
 
 def assert_nothing_else_bootable(st: dict[str, Any]) -> None:
@@ -310,7 +375,21 @@ def test_power_loss_during_an_update_never_leaves_an_unbootable_machine(
     log = m.console_since(mark)
     m.power_off()
     assert ("removed an interrupted download" in log) == interrupted
+    # 4. During the /etc merge at v5's first boot, in the initrd (a few seconds after the
+    # merge unit starts; where exactly it lands is noted): the next boot has a whole /etc.
+    m.power_on_and_cut(r"Starting \S*particle-etc\.service", after=3)
     sh = m.start()
+    assert m.vm is not None
+    done = re.findall(r"particle: (merged /etc|restored the /etc|/etc belongs)", m.vm.text())
+    m.figures["etc_merge_after_power_cut"] = done[-1] if done else None
+    etc = etc_state(m)
+    assert etc["derived_from"] == V5
+    assert cat(sh, "/etc/particle-test/local.conf") == "mine"  # the owner's, as merged
+    assert cat(sh, "/etc/particle-test/changes.conf") is None  # v5 dropped it (from v2)
+    assert cat(sh, "/etc/motd") == OWN_MOTD
+    assert [c["path"] for c in etc["conflicts"]] == ["/etc/motd"]
+    assert sh.out("ls -a / | grep -c particle-new || true") == "0"
+    assert sh.out("ls /var/lib/particle/etc/saved") == V2
     st = m.status()
     assert st["version"] == V5 and st["running_slot"] == "A"
     assert entry(st, V5)["booted"] and entry(st, V5)["state"] == "good"  # counted, blessed
@@ -341,6 +420,7 @@ def test_soft_update_switches_without_firmware_reboot(machine: Machine) -> None:
     new = entry(st, V6)
     assert new["default"] and new["state"] == "pending"  # assessed at the next firmware boot
     assert entry(st, V5)["booted"]  # what the firmware started, before the switch
+    assert st["etc"]["derived_from"] == V6  # merged before the soft-reboot (no initrd ran)
     assert any("without a firmware reboot" in n for n in st["notes"])
     # Until a firmware boot has proven v6, v5 is the only version known to boot: another
     # update would overwrite it, so particle refuses.

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import bootlog, gpt
+from . import bootlog, etcmerge, gpt
 from . import entries as boot_entries
 from .cli import MachineError
 from .entries import Entry, os_release_fields
@@ -162,6 +162,8 @@ def collect() -> dict[str, Any]:
         "failed_tries": [t.to_json() for t in failures],
         "pending": pending,
         "update_source": update_source(),
+        "etc": {"derived_from": etcmerge.stamp_version(Path("/etc")),
+                "conflicts": etcmerge.conflicts(Path("/etc"))},
         "notes": notes,
     }
 
@@ -203,6 +205,11 @@ def render(st: dict[str, Any]) -> str:
     for t in st.get("failed_tries", []):
         lines.append(f"failed:     {t['version']} try {t['try'] or '?'} (boot {t['boot']}): "
                      f"{t['how']}")
+    for c in st.get("etc", {}).get("conflicts", []):
+        beside = (f"new factory version in {c['new_factory_version']}"
+                  if c["new_factory_version"] else "removed from the factory /etc")
+        lines.append(f"/etc conflict: {c['path']} kept as changed here; {beside} "
+                     f"(since {c['since']}; `particle etc diff {c['path']}`)")
     lines += [f"note:       {n}" for n in st["notes"]]
     return "\n".join(lines)
 

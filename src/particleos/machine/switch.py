@@ -17,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from . import gpt, pe
+from . import etcmerge, gpt, pe
 from .cli import MachineError
 from .entries import Entry
 
@@ -82,6 +82,12 @@ def soft_reboot(entry: Entry, disk: str) -> None:
     except BaseException:
         subprocess.run(["umount", "--recursive", str(NEXTROOT)], capture_output=True, check=False)
         raise
+    # No initrd runs on a soft-reboot: /etc is merged for the new version here instead.
+    try:
+        print(f"particle: {etcmerge.boot(NEXTROOT)}", flush=True)
+    except (OSError, etcmerge.EtcError) as err:
+        print(f"particle: /etc merge failed, /etc left as it was (merged at the next "
+              f"firmware boot): {err}", flush=True)
     # The next root sees the firmware boot's kernel command line: the veritysetup generator
     # would wait 90 s for the old usrhash= partitions (which a later update may have
     # overwritten) and systemd-bless-boot would judge the entry the firmware booted, not this

@@ -14,6 +14,8 @@ depends() {
 
 install() {
     inst_multiple cp mkdir cat rm ln mv sh tail head tr wc sleep grep mount modprobe chattr
+    # /etc across updates: the merge runs the new root's Python in a chroot (etcmerge).
+    inst_multiple chroot sync
     inst_script "$moddir/particle-etc.sh" /usr/lib/particle/particle-etc
     inst_simple "$moddir/particle-etc.service" "$systemdsystemunitdir/particle-etc.service"
     $SYSTEMCTL -q --root "$initdir" add-wants initrd.target particle-etc.service
