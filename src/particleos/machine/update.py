@@ -180,12 +180,17 @@ def choose_rollback(found: list[Entry], slot_of: dict[str, bool]) -> tuple[Entry
                        f"{others or 'none'})")
 
 
-def cmd_rollback(args: argparse.Namespace) -> int:
+def _entries_on_disk() -> tuple[list[Entry], dict[str, bool]]:
+    """The boot entries, and which of them have their /usr on this disk (name -> True)."""
     _, found = _entries()
     image_id = boot_entries.os_release_fields(status.OS_RELEASE.read_text()).get("IMAGE_ID", "")
     st_slots = status.slots_from_gpt(gpt.read_disk_gpt(_disk()), image_id)
     status.link_entries(st_slots, found)
-    on_disk = {name: True for s in st_slots for name in s.entries}
+    return found, {name: True for s in st_slots for name in s.entries}
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    found, on_disk = _entries_on_disk()
     bad, back = choose_rollback(found, on_disk)
     for var in ("LoaderEntryOneShot", "LoaderEntryDefault"):
         value = boot_entries.efi_var(var)
@@ -235,11 +240,7 @@ def transfer_tries(default: int = 3) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    _, found = _entries()
-    image_id = boot_entries.os_release_fields(status.OS_RELEASE.read_text()).get("IMAGE_ID", "")
-    st_slots = status.slots_from_gpt(gpt.read_disk_gpt(_disk()), image_id)
-    status.link_entries(st_slots, found)
-    on_disk = {name: True for s in st_slots for name in s.entries}
+    found, on_disk = _entries_on_disk()
     entry, new_name = retry_target(found, args.version, on_disk, args.tries or transfer_tries())
     target = entry.path.with_name(new_name)
     if target.exists():
