@@ -57,7 +57,7 @@ def install_trust(ctx: BuildContext) -> None:
     pgp_key = ctx.spec.signing.openpgp_key
     ctx.bootloader = ctx.tree / SDBOOT
     if pair is None and pgp_key is None:
-        ui.info("  unsigned image (no [signing] keys)")
+        ui.info("  unsigned image (no \\[signing] keys)")  # \\[: literal, not rich markup
         return
     if pair is not None:
         cert_dir = ctx.tree / VERITY_CERT_DIR
