@@ -57,7 +57,8 @@ def install_trust(ctx: BuildContext) -> None:
     pgp_key = ctx.spec.signing.openpgp_key
     ctx.bootloader = ctx.tree / SDBOOT
     if pair is None and pgp_key is None:
-        ui.info("  unsigned image (no \\[signing] keys)")  # \\[: literal, not rich markup
+        # "\\[" so that rich prints "[signing]" instead of taking it for markup.
+        ui.info("  unsigned image (no \\[signing] keys)")
         return
     if pair is not None:
         cert_dir = ctx.tree / VERITY_CERT_DIR
