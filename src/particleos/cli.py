@@ -203,9 +203,7 @@ def publish(build_dir: Path, update_dir: Path, keep: int | None, version: str | 
         raise ParticleError("publish writes a static update directory, not a registry",
                             hint=f"particle push {build_dir} "
                                  f"{str(update_dir).removeprefix('oci:').lstrip('/')}")
-    if openpgp_key is None and any(build_dir.glob("*.usr-verity-sig.raw")):
-        ui.info("warning: the build is signed but SHA256SUMS will not be: machines that verify "
-                "updates will refuse it (pass --openpgp-key)")
+    _warn_unsigned_index(build_dir, openpgp_key)
     result = run_publish(build_dir, update_dir, keep=keep, version=version,
                          sign=signer(openpgp_key) if openpgp_key else None)
     state = "published" if result.added else "already published"
@@ -260,9 +258,7 @@ def push(build_dir: Path, target: str, version: str | None, openpgp_key: Path | 
 
     if as_json:
         ui.quiet = True
-    if openpgp_key is None and any(build_dir.glob("*.usr-verity-sig.raw")):
-        ui.info("warning: the build is signed but SHA256SUMS will not be: machines that verify "
-                "updates will refuse it (pass --openpgp-key)")
+    _warn_unsigned_index(build_dir, openpgp_key)
     result = run_push(build_dir, target, version=version,
                       sign=signer(openpgp_key) if openpgp_key else None,
                       credentials=registry_credentials(target, username, password_stdin),
@@ -352,6 +348,13 @@ def find_image(image: Path | None) -> Path:
     if not target.exists():
         raise ParticleError(f"{target}: no such image; run `particle build` first")
     return target
+
+
+def _warn_unsigned_index(build_dir: Path, openpgp_key: Path | None) -> None:
+    """publish and push: a signed build whose index goes out unsigned is refused by machines."""
+    if openpgp_key is None and any(build_dir.glob("*.usr-verity-sig.raw")):
+        ui.info("warning: the build is signed but SHA256SUMS will not be: machines that verify "
+                "updates will refuse it (pass --openpgp-key)")
 
 
 def _human(n: int) -> str:

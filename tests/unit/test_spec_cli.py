@@ -7,13 +7,11 @@ import json
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from particleos.cli import main
+from .conftest import Result, Run
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*/particle.toml"))
@@ -21,35 +19,6 @@ GOOD = """\
 [system]
 id = "demo"
 """
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-Run = Callable[..., Result]
-
-
-@pytest.fixture
-def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Run:
-    """Call the console entry point in-process (fast), with tmp_path as working directory."""
-    monkeypatch.chdir(tmp_path)
-
-    def _run(*args: str) -> Result:
-        monkeypatch.setattr(sys, "argv", ["particle", *args])
-        code = 0
-        try:
-            main()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        captured = capsys.readouterr()
-        assert "Traceback" not in captured.out + captured.err
-        return Result(code, captured.out, captured.err)
-
-    return _run
 
 
 def write(path: Path, text: str) -> Path:
