@@ -160,6 +160,40 @@ def qemu(image: Path | None, snapshot: bool, timeout: float, expect: str | None,
 
 
 @cli.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--size", default=None, metavar="SIZE",
+              help="Size of a file target, e.g. 8G (default: the image's, or the file's).")
+@click.option("--force", is_flag=True, help="Overwrite a target that holds partitions or data.")
+@click.option("--yes", is_flag=True, help="Do not ask before writing a block device.")
+def install(image: Path, target: Path, size: str | None, force: bool, yes: bool) -> None:
+    """Write a built image (or the newest in a build directory) to a disk or a file: the
+    image's partitions, the B slot empty, root grown to fill the disk at its first boot."""
+    import stat as stat_mod
+
+    from .disk.install import install as install_image
+    from .machine.install import InstallError, confirm
+    from .spec.model import parse_size
+
+    disk = find_image(image)
+    try:
+        size_bytes = parse_size(size) if size is not None else None
+    except ValueError as err:
+        raise ParticleError(f"--size: {err}") from None
+    block = target.exists() and stat_mod.S_ISBLK(target.stat().st_mode)
+
+    def ask(question: str) -> bool:
+        try:  # asked for block devices only: a file is made under a new name and renamed
+            return not block or confirm(question, yes)
+        except InstallError as err:
+            raise ParticleError(str(err)) from None
+
+    done = install_image(disk, target, size=size_bytes, force=force, confirm=ask, say=ui.info)
+    click.echo(f"installed {done.version} on {done.target} ({_human(done.size)}); "
+               "root grows to fill it at the first boot")
+
+
+@cli.command()
 @click.argument("directory", required=False, type=click.Path(path_type=Path), default="keys")
 @click.option("--name", "common_name", default="ParticleOS owner", show_default=True,
               help="Common name of the certificate (shown by firmware and kernel).")

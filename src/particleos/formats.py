@@ -10,6 +10,7 @@ tempfile): the build copies this file into every image next to `particleos.machi
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import json
 import os
@@ -108,6 +109,75 @@ def read_gpt(path: str | Path, sector_size: int = SECTOR_SIZE) -> list[GptPartit
         return parse_gpt(lambda off, size: os.pread(fd, size, off), sector_size)
     finally:
         os.close(fd)
+
+
+GPT_ENTRIES: Final = 128  # entries in a table we write (the usual 16 KiB array)
+GPT_ENTRY_SIZE: Final = 128
+
+
+def guid_to_gpt(text: str) -> bytes:
+    """GUID text as GPT stores it (first three fields little-endian); inverse of guid_from_gpt."""
+    raw = bytes.fromhex(text.replace("-", ""))
+    if len(raw) != 16:
+        raise ValueError(f"not a GUID: {text!r}")
+    return raw[3::-1] + raw[5:3:-1] + raw[7:5:-1] + raw[8:]
+
+
+def random_guid() -> str:
+    """A random (version 4) GUID as text: python3-minimal has no uuid module."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    return guid_text(bytes(raw))
+
+
+def gpt_writes(parts: list[GptPartition], disk_bytes: int, disk_guid: str,
+               sector_size: int = SECTOR_SIZE, first_lba: int = 2048) -> list[tuple[int, bytes]]:
+    """The (offset, bytes) writes that give a disk of `disk_bytes` this partition table: the
+    protective MBR, the primary header and entries at the start, the backup entries and header
+    in the last sectors (where the firmware and repart look for them on a disk of that size).
+    Entry `number` N goes to slot N of the array, as the kernel then names it (vdaN)."""
+    total = disk_bytes // sector_size
+    entries = bytearray(GPT_ENTRIES * GPT_ENTRY_SIZE)
+    entry_sectors = len(entries) // sector_size
+    last_usable = total - 2 - entry_sectors
+    used: list[tuple[int, int]] = []
+    for p in parts:
+        if not 1 <= p.number <= GPT_ENTRIES:
+            raise GptError(f"partition number {p.number} is outside 1..{GPT_ENTRIES}")
+        if p.first_lba < first_lba or p.last_lba > last_usable or p.last_lba < p.first_lba:
+            raise GptError(f"partition {p.number} ({p.label!r}, LBA {p.first_lba}-{p.last_lba}) "
+                           f"does not fit the usable LBAs {first_lba}-{last_usable}")
+        if any(p.first_lba <= b and a <= p.last_lba for a, b in used):
+            raise GptError(f"partition {p.number} ({p.label!r}) overlaps another one")
+        used.append((p.first_lba, p.last_lba))
+        name = p.label.encode("utf-16-le")
+        if len(name) > 72:
+            raise GptError(f"partition {p.number}: label {p.label!r} is longer than 36 characters")
+        off = (p.number - 1) * GPT_ENTRY_SIZE
+        entries[off:off + GPT_ENTRY_SIZE] = (
+            guid_to_gpt(p.type) + guid_to_gpt(p.uuid)
+            + struct.pack("<QQQ", p.first_lba, p.last_lba, p.attrs) + name.ljust(72, b"\0"))
+    entries_crc = binascii.crc32(entries)
+
+    def header(my_lba: int, alt_lba: int, entries_lba: int) -> bytes:
+        h = bytearray(struct.pack(
+            "<8sIIIIQQQQ16sQIII", b"EFI PART", 0x00010000, 92, 0, 0, my_lba, alt_lba,
+            first_lba, last_usable, guid_to_gpt(disk_guid), entries_lba, GPT_ENTRIES,
+            GPT_ENTRY_SIZE, entries_crc))
+        struct.pack_into("<I", h, 16, binascii.crc32(h))
+        return bytes(h).ljust(sector_size, b"\0")
+
+    mbr = bytearray(sector_size)
+    # One partition of type 0xEE over the whole disk (capped at 2^32-1 sectors), boot signature.
+    mbr[446:462] = struct.pack("<B3sB3sII", 0, b"\x00\x02\x00", 0xEE, b"\xff\xff\xff", 1,
+                               min(total - 1, 0xFFFFFFFF))
+    mbr[510:512] = b"\x55\xaa"
+    backup_entries = total - 1 - entry_sectors
+    return [
+        (0, bytes(mbr) + header(1, total - 1, 2) + bytes(entries)),
+        (backup_entries * sector_size, bytes(entries) + header(total - 1, 1, backup_entries)),
+    ]
 
 
 # --- partition UUIDs of a verity slot --------------------------------------------------------

@@ -1,6 +1,7 @@
 """Install the machine-side `particle` command into the image: the stdlib-only
 `particleos.machine` package and `particleos.formats` under /usr/lib/particleos and a
-/usr/bin/particle launcher."""
+/usr/bin/particle launcher; and the root partition's repart definition, which makes a disk's
+root grow at its first boot, appear where it is missing, and go on a factory reset."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from importlib import resources
 
 from .context import BuildContext
 
+ROOT_DEFINITION = "50-particle-root.conf"
 LAUNCHER = """#!/usr/bin/python3
 # ParticleOS machine-side command (installed by `particle build`).
 import sys
@@ -36,3 +38,8 @@ def install_machine_tools(ctx: BuildContext) -> None:
     launcher = ctx.tree / "usr/bin/particle"
     launcher.write_text(LAUNCHER)
     launcher.chmod(0o755)
+    # In /usr (read by repart in the initrd from /sysusr/usr): every version carries its own.
+    repart = ctx.tree / "usr/lib/repart.d"
+    repart.mkdir(parents=True, exist_ok=True)
+    definition = resources.files("particleos") / "data" / "repart" / ROOT_DEFINITION
+    (repart / ROOT_DEFINITION).write_bytes(definition.read_bytes())

@@ -8,14 +8,30 @@ check() {
 }
 
 depends() {
-    echo systemd
+    # systemd-repart grows root to fill the disk, creates it when missing, and empties it on a
+    # factory reset (its definition lives in /usr/lib/repart.d of the verity /usr).
+    echo systemd systemd-repart
     return 0
+}
+
+installkernel() {
+    # repart formats a new root through a loop device over its partition.
+    hostonly='' instmods loop ext4
 }
 
 install() {
     inst_multiple cp mkdir cat rm ln mv sh tail head tr wc sleep grep mount modprobe chattr
     # /etc across updates: the merge runs the new root's Python in a chroot (etcmerge).
     inst_multiple chroot sync
+    # Root created by systemd-repart (Format=ext4): after `particle install` or a factory reset.
+    inst_multiple mkfs.ext4 mke2fs
+    inst_simple /etc/mke2fs.conf
+    inst_simple "$moddir/sysroot-after-repart.conf" \
+        "$systemdsystemunitdir/sysroot.mount.d/50-particle-repart.conf"
+    inst_multiple basename readlink
+    inst_script "$moddir/particle-repart.sh" /usr/lib/particle/particle-repart
+    inst_simple "$moddir/repart-loader-disk.conf" \
+        "$systemdsystemunitdir/systemd-repart.service.d/50-particle-loader-disk.conf"
     inst_script "$moddir/particle-etc.sh" /usr/lib/particle/particle-etc
     inst_simple "$moddir/particle-etc.service" "$systemdsystemunitdir/particle-etc.service"
     $SYSTEMCTL -q --root "$initdir" add-wants initrd.target particle-etc.service

@@ -1,0 +1,30 @@
+#!/bin/sh
+# Runs systemd-repart in the initrd on the disk the firmware booted from: the one whose ESP
+# has the UUID systemd-boot put in LoaderDevicePartUUID. Without a device, repart takes the
+# disk behind /sysusr/usr; with a copy of the same version on a second disk (`particle
+# install`), /usr may come from either disk (same PARTUUIDs by design: usrhash= names them),
+# and root would then be grown, created or factory-reset on the wrong one.
+set -u
+EFIVARS=/sys/firmware/efi/efivars
+var="$EFIVARS/LoaderDevicePartUUID-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
+disk=""
+if [ -r "$var" ]; then
+    # efivarfs files cannot seek: read them through a pipe.
+    uuid=$(cat "$var" 2>/dev/null | tail -c +5 | tr -d '\000' | tr 'A-F' 'a-f')
+    link="/dev/disk/by-partuuid/$uuid"
+    n=0
+    while [ -n "$uuid" ] && [ ! -e "$link" ] && [ "$n" -lt 30 ]; do
+        sleep 1
+        n=$((n + 1))
+    done
+    if [ -e "$link" ]; then
+        part=$(basename "$(readlink -f "$link")")
+        parent=$(basename "$(readlink -f "/sys/class/block/$part/..")")
+        [ -b "/dev/$parent" ] && disk="/dev/$parent"
+    fi
+fi
+if [ -n "$disk" ]; then
+    echo "particle: systemd-repart on $disk (the disk of the booted ESP)" > /dev/kmsg || true
+    exec systemd-repart --dry-run=no "$disk"
+fi
+exec systemd-repart --dry-run=no
