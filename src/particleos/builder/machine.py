@@ -11,6 +11,13 @@ from importlib import resources
 from .context import BuildContext
 
 ROOT_DEFINITION = "50-particle-root.conf"
+# systemd enables repart in the real root too (sysinit.target): with root mounted it has nothing
+# left to do after the initrd's run, and under load it delayed udev enough that /dev/ttyS0 timed
+# out in our tests.
+REPART_INITRD_ONLY = """[Unit]
+# Written by ParticleOS: root is grown, created or reset by the initrd's run only.
+ConditionPathExists=/etc/initrd-release
+"""
 LAUNCHER = """#!/usr/bin/python3
 # ParticleOS machine-side command (installed by `particle build`).
 import sys
@@ -43,3 +50,6 @@ def install_machine_tools(ctx: BuildContext) -> None:
     repart.mkdir(parents=True, exist_ok=True)
     definition = resources.files("particleos") / "data" / "repart" / ROOT_DEFINITION
     (repart / ROOT_DEFINITION).write_bytes(definition.read_bytes())
+    dropin = ctx.tree / "usr/lib/systemd/system/systemd-repart.service.d"
+    dropin.mkdir(parents=True, exist_ok=True)
+    (dropin / "50-particle-initrd-only.conf").write_text(REPART_INITRD_ONLY)
