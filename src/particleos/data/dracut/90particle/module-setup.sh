@@ -10,7 +10,12 @@ check() {
 depends() {
     # systemd-repart grows root to fill the disk, creates it when missing, and empties it on a
     # factory reset (its definition lives in /usr/lib/repart.d of the verity /usr).
-    echo systemd systemd-repart
+    # (bookworm's images have no systemd-repart: there the root stays as built.)
+    if find_binary systemd-repart >/dev/null 2>&1; then
+        echo systemd systemd-repart
+    else
+        echo systemd
+    fi
     return 0
 }
 
