@@ -11,7 +11,7 @@ import os
 from importlib import resources
 
 from ..errors import ParticleError
-from ..update.transfer import SYSUPDATE_DIR, transfer_files
+from ..update.transfer import INCOMING_DIR, LOCAL_SYSUPDATE_DIR, SYSUPDATE_DIR, transfer_files
 from .context import BuildContext
 from .trust import verify_updates
 
@@ -51,16 +51,19 @@ def update_definitions(ctx: BuildContext) -> None:
     update = ctx.spec.update
     if update.source:
         # No '+' in the version (boot counting uses it in UKI names): spec.checks.
-        target = ctx.tree / SYSUPDATE_DIR
-        target.mkdir(parents=True, exist_ok=True)
-        for stale in target.glob("*.transfer"):
-            stale.unlink()
-        files = transfer_files(
-            ctx.image_id, update.source, update.tries,
-            verity_sig=ctx.spec.signing.key is not None, verify=verify_updates(ctx.spec),
-        )
-        for name, text in files.items():
-            (target / name).write_text(text)
+        verity_sig = ctx.spec.signing.key is not None
+        for where, source, verify in (
+            (SYSUPDATE_DIR, update.source, verify_updates(ctx.spec)),
+            (LOCAL_SYSUPDATE_DIR, INCOMING_DIR, False),  # checked by particle before install
+        ):
+            target = ctx.tree / where
+            target.mkdir(parents=True, exist_ok=True)
+            for stale in target.glob("*.transfer"):
+                stale.unlink()
+            files = transfer_files(ctx.image_id, source, update.tries, verity_sig=verity_sig,
+                                   verify=verify)
+            for name, text in files.items():
+                (target / name).write_text(text)
     assess_units(ctx)
     install_trial(ctx)
 

@@ -17,6 +17,11 @@ from uuid import UUID
 
 # Directory in the image that systemd-sysupdate reads (vendor definitions, in /usr).
 SYSUPDATE_DIR: Final = "usr/lib/sysupdate.d"
+# The same transfers with a local source: the machine puts a version's files into INCOMING_DIR
+# itself (reassembled from chunks, or fetched from a registry), verifies them, and lets sysupdate
+# install them from there (`--definitions=`), so every path keeps sysupdate's slot handling.
+LOCAL_SYSUPDATE_DIR: Final = "usr/lib/particle/sysupdate.local.d"
+INCOMING_DIR: Final = "/var/lib/particle/incoming"
 ESP_UKI_DIR: Final = "/EFI/Linux"
 INSTANCES_MAX: Final = 2  # A/B: the running version plus the one being installed
 
