@@ -34,6 +34,7 @@ from . import runner
 from .cache import cache_root, work_dir
 from .errors import ParticleError
 from .ext.base import BuiltBase, find_base
+from .formats import Manifest
 from .runner import interruptible
 from .ui import ui
 
@@ -56,6 +57,7 @@ image="$1"; fstype="$2"; root="$3"; log="$4"; ready="$5"; shift 5
     mount -t tmpfs -o mode=0700 tmpfs /run/systemd/nspawn/propagate
     mkdir -p "$root/usr"
     mount -t "$fstype" -o ro,loop "$image" "$root/usr"
+    findmnt -no SOURCE "$root/usr" > "$(dirname "$ready")/loop" || true
     factory="$root/usr/share/factory"
     if [ ! -d "$factory/etc" ]; then
         echo "$image has no share/factory/etc: not a ParticleOS usr image"
@@ -159,7 +161,7 @@ class Container:
         self.work: Path | None = None
 
     @property
-    def manifest(self) -> Any:
+    def manifest(self) -> Manifest:
         return self.built.manifest
 
     @contextlib.contextmanager
@@ -223,19 +225,22 @@ class Container:
                 f"could not set up the container of {self.built.usr_image.name} "
                 f"(exit status {status})" + (f":\n  {text}" if text else ""),
                 hint="the kernel needs loop devices and the file system of /usr "
-                     f"({self.manifest.usr_filesystem}); see --verbose" if text else None,
+                     f"({self.manifest.usr_filesystem})" if text else None,
             )
         return status
 
     def _wait_released(self, seconds: float = 10.0) -> None:
         """The kernel drops the namespace's mounts as nspawn ends; the loop device follows
-        a moment later. Wait for it, so that 'exited' means 'released'."""
+        a moment later. Wait for the one this run used, so that 'exited' means 'released'
+        (another container of the same build may share it: then it stays)."""
+        assert self.work is not None
+        used = self.work / "loop"
+        device = used.read_text().strip() if used.exists() else ""
         deadline = time.monotonic() + seconds
-        while (loops := attached_loops(self.built.usr_image)) and time.monotonic() < deadline:
+        while device in attached_loops(self.built.usr_image) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if loops:
-            ui.info(f"warning: {', '.join(loops)} still attached to "
-                    f"{self.built.usr_image.name} (in use by another container?)")
+        if device in attached_loops(self.built.usr_image):
+            ui.debug(f"{device} still backs {self.built.usr_image.name} (another container?)")
 
 
 def _machine_name(image_id: str) -> str:
@@ -258,7 +263,9 @@ def shell(build_dir: Path, command: Sequence[str], *, keep: Path | None = None,
     args = ["--quiet", "--as-pid2", f"--console={'interactive' if terminal else 'pipe'}"]
     with c.prepared():
         ui.debug(f"shell in {c.manifest.id} {c.manifest.version} (root {c.root})")
-        proc = c.start([*args, *(["--", *command] if command else [])], foreground=terminal)
+        # A terminal on stdin: nspawn stays in our process group, or reading it would stop it.
+        proc = c.start([*args, *(["--", *command] if command else [])],
+                       foreground=sys.stdin.isatty())
         try:
             status = proc.wait()
         except BaseException:
