@@ -162,7 +162,7 @@ def qemu(image: Path | None, snapshot: bool, timeout: float, expect: str | None,
 @cli.command(context_settings={"ignore_unknown_options": True,
                                "allow_interspersed_args": False})
 @click.option("--keep", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Keep the container's root (/etc, /var, ...) in DIR across runs "
+              metavar="DIR", help="Keep the container's root (/etc, /var, ...) in DIR across runs "
                    "(default: a throwaway root, removed at exit).")
 @click.option("--version", "version", default=None,
               help="Version to run (default: the newest one in BUILD_DIR).")
@@ -189,7 +189,7 @@ def shell(keep: Path | None, version: str | None, build_dir: Path,
 @click.option("--timeout", type=float, default=600.0, show_default=True,
               help="Seconds to wait for --expect.")
 @click.option("--keep", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="--container: keep the root's state in DIR across boots.")
+              metavar="DIR", help="--container: keep the root's state in DIR across boots.")
 @click.option("--version", "version", default=None,
               help="--container: version to boot (default: the newest one in BUILD_DIR).")
 @click.option("--json", "as_json", is_flag=True,

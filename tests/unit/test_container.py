@@ -168,3 +168,7 @@ def test_options_of_the_container_boot_only(run: Run, tmp_path: Path) -> None:
     r = run("shell", str(tmp_path), "true")
     assert r.code == 1
     assert "no build here" in r.err
+    # Without --container, `particle boot` is `particle qemu`.
+    r = run("boot", str(tmp_path))
+    assert r.code == 1
+    assert f"no disk image (*.raw) in {tmp_path}; run `particle build` first" in r.err
