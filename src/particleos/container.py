@@ -10,8 +10,9 @@ The root is a throwaway directory removed at exit, or `--keep DIR` to keep its s
 Every mount lives in a private mount namespace (`unshare -m`) whose only process is nspawn:
 when it ends, however it ends (poweroff, Ctrl-] three times, SIGTERM, SIGKILL), the kernel
 drops the mounts and the loop device (set up with autoclear by `mount -o loop`) goes with
-them. A container that reboots makes nspawn exit with status 133; the boot then starts again on
-the same root, like a machine that reboots.
+them. nspawn gets SIGTERM (a clean shutdown) if `particle` is killed outright. A container
+that reboots makes nspawn exit with status 133; the boot then starts again on the same root,
+like a machine that reboots.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ class BootResult:
 
 def check_host() -> None:
     """nspawn and mounts need root, and the tools; say so before anything is made."""
-    for tool in (NSPAWN, "unshare", "mount", "chroot"):
+    for tool in (NSPAWN, "setpriv", "unshare", "mount", "chroot"):
         runner.require(tool)
     if os.geteuid() != 0:
         raise ContainerError("systemd-nspawn and the loop mount of /usr need root",
@@ -190,7 +191,8 @@ class Container:
         return self.keep.resolve() if self.keep is not None else self.work / "root"
 
     def argv(self, nspawn_args: Sequence[str]) -> list[str]:
-        """unshare -> the set-up script -> systemd-nspawn with the root and `nspawn_args`."""
+        """setpriv -> unshare -> the set-up script -> systemd-nspawn with the root and
+        `nspawn_args`."""
         assert self.work is not None
         m = self.manifest
         base = [NSPAWN, "--directory", str(self.root), f"--machine={_machine_name(m.id)}",
@@ -203,7 +205,10 @@ class Container:
         script = self.work / "enter.sh"
         if not script.exists():
             script.write_text(_ENTER)
-        return ["unshare", "--mount", "--propagation", "private", "sh", str(script),
+        # SIGTERM to nspawn if particle itself dies (SIGKILL): the system shuts down and the
+        # namespace with its mounts goes, rather than a container running on unwatched.
+        return ["setpriv", "--pdeathsig", "TERM",
+                "unshare", "--mount", "--propagation", "private", "sh", str(script),
                 str(self.built.usr_image.resolve()), m.usr_filesystem, str(self.root),
                 str(self.work / "setup.log"), str(self.work / "ready"), *base, *nspawn_args]
 

@@ -31,6 +31,7 @@ PACKAGE_OF = {
     "qemu-system-x86_64": "qemu-system-x86",
     "qemu-img": "qemu-utils",
     "unshare": "util-linux",
+    "setpriv": "util-linux",
     "chroot": "coreutils",
     "systemctl": "systemd",
     "gpg": "gnupg",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from particleos.cache import cache_root
+from particleos.cache import cache_root, sweep_stale
 
 from .conftest import BuildFn
 
@@ -175,4 +175,28 @@ def test_boot_container_interrupted_leaves_nothing(out: Path, sig: int, status: 
     rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == status, (console + rest).decode(errors="replace")[-3000:]
     assert rest.rstrip().endswith(b"interrupted")
+    assert leftovers(out) == []
+
+
+def test_boot_container_of_a_killed_particle_shuts_down(out: Path) -> None:
+    """SIGKILL gives particle no chance to clean up: nspawn gets SIGTERM from the kernel
+    (parent-death signal), the system shuts down, the namespace and its mounts go; the work
+    directory is left for the next build's sweep, like a killed build's."""
+    proc = subprocess.Popen([sys.executable, "-m", "particleos", "boot", "--container", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    console = b""
+    while b"Reached target" not in console:
+        line = proc.stdout.readline()
+        assert line, console.decode(errors="replace")
+        console += line
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()  # as a killed particle's end of the console pipe is
+    deadline = time.monotonic() + 120
+    while (left := [x for x in leftovers(out) if not x.startswith("container-")]) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left == []
+    assert [p for p in sweep_stale() if p.name.startswith("container-")]
     assert leftovers(out) == []

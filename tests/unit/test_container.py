@@ -9,10 +9,13 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from particleos.cache import sweep_stale
 from particleos.container import attached_loops
 from particleos.formats import Manifest
 from particleos.verity import format_verity
@@ -32,7 +35,7 @@ while [ $# -gt 0 ]; do
     case "$1" in --directory) root="$2"; shift 2 ;; --) shift; break ;; *) shift ;; esac
 done
 if [ "$FAKE_NSPAWN" = hang ]; then
-    trap 'echo "Container fake has been shut down."; echo term > "$root/var/term"; exit 0' TERM
+    trap 'echo term > "$root/var/term"; echo "Container fake has been shut down."; exit 0' TERM
 fi
 echo "$*" > "$root/var/init-args"
 echo boot >> "$root/var/boots"
@@ -125,6 +128,32 @@ def test_expect_shuts_the_container_down(fake: Path, run: Run,
     assert "particle boot: found 'multi-user' after" in r.err
     assert "Container fake has been shut down." in r.out  # drained after SIGTERM
     assert (state / "var/term").read_text() == "term\n"
+    nothing_left(out, fake / "cache")
+
+
+@needs_root
+def test_a_killed_particle_shuts_its_container_down(fake: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    out = fake_build(fake)
+    monkeypatch.setenv("FAKE_NSPAWN", "hang")
+    state, console = fake / "state", fake / "console"
+    with console.open("wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "particleos", "boot", "--container",
+                                 str(out), "--keep", str(state)], stdout=f, stderr=f)
+    while b"Reached target" not in console.read_bytes():
+        assert proc.poll() is None, console.read_text()
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    # The kernel's parent-death signal: nspawn (here the fake) is told to shut down.
+    deadline = time.monotonic() + 30
+    while not (state / "var/term").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (state / "var/term").read_text() == "term\n"
+    while attached_loops(out / "fake_1.usr.raw") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # What particle could not remove is the next build's to sweep.
+    assert [p.name[:17] for p in sweep_stale(fake / "cache")] == ["container-fake_1-"]
     nothing_left(out, fake / "cache")
 
 
