@@ -60,6 +60,7 @@ def check_inputs(
         ({"signing", "update"}, lambda: _signing(spec)),
         ({"system", "update"}, lambda: _version(spec, version)),
         ({"image"}, lambda: _sizes(spec)),
+        ({"boot"}, lambda: _loader(spec)),
     ]
     problems: list[Problem] = []
     for sections, check in checks:
@@ -151,6 +152,21 @@ def _signing(spec: Spec) -> list[Problem]:
             "(allowed: only together with openpgp_key)",
         ))
     return out
+
+
+def _loader(spec: Spec) -> list[Problem]:
+    """`[boot] loader` must be a systemd-boot binary: machines compare its LoaderInfo version
+    with the ESP's before they install it."""
+    path = spec.boot.loader
+    if path is None:
+        return []
+    if (text := _path_problem(path, "file")) is not None:
+        return [Problem(("boot", "loader"), text)]
+    data = Path(path).read_bytes()
+    if data[:2] != b"MZ" or b"#### LoaderInfo: systemd-boot " not in data:
+        return [Problem(("boot", "loader"), f"{_shown(path)} is not a systemd-boot EFI binary "
+                        "(allowed: a systemd-bootx64.efi, signed or not)")]
+    return []
 
 
 # --- version and names ------------------------------------------------------------------------

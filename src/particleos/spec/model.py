@@ -299,6 +299,12 @@ class Boot(Model):
     panic_reboot: Duration = Field(
         10, description="Seconds after a kernel panic before the machine reboots (panic=)."
     )
+    loader: str | None = Field(
+        None,
+        description="A systemd-boot EFI binary to ship instead of the release's (a newer build, "
+        "or one a vendor signed); signed with [signing] like the release's. Machines install a "
+        "version's loader onto the ESP after its first good boot, never an older one.",
+    )
 
 
 class Extension(Model):
