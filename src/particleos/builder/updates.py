@@ -11,7 +11,14 @@ import os
 from importlib import resources
 
 from ..errors import ParticleError
-from ..update.transfer import INCOMING_DIR, LOCAL_SYSUPDATE_DIR, SYSUPDATE_DIR, transfer_files
+from ..update.transfer import (
+    INCOMING_DIR,
+    LOCAL_SYSUPDATE_DIR,
+    SOURCE_FILE,
+    SYSUPDATE_DIR,
+    is_oci,
+    transfer_files,
+)
 from .context import BuildContext
 from .trust import verify_updates
 
@@ -52,10 +59,16 @@ def update_definitions(ctx: BuildContext) -> None:
     if update.source:
         # No '+' in the version (boot counting uses it in UKI names): spec.checks.
         verity_sig = ctx.spec.signing.key is not None
-        for where, source, verify in (
-            (SYSUPDATE_DIR, update.source, verify_updates(ctx.spec)),
-            (LOCAL_SYSUPDATE_DIR, INCOMING_DIR, False),  # checked by particle before install
-        ):
+        sets = [(LOCAL_SYSUPDATE_DIR, INCOMING_DIR, False)]  # checked by particle before install
+        if is_oci(update.source):
+            # sysupdate cannot speak the registry API: `particle update` fetches and verifies
+            # the files, then installs them through the local transfers; it finds the source here.
+            source_file = ctx.tree / SOURCE_FILE
+            source_file.parent.mkdir(parents=True, exist_ok=True)
+            source_file.write_text(update.source + "\n")
+        else:
+            sets.insert(0, (SYSUPDATE_DIR, update.source, verify_updates(ctx.spec)))
+        for where, source, verify in sets:
             target = ctx.tree / where
             target.mkdir(parents=True, exist_ok=True)
             for stale in target.glob("*.transfer"):
