@@ -241,5 +241,7 @@ def test_builder_writes_local_transfers_and_the_source_for_a_registry(tmp_path: 
     assert local == ["10-usr-verity.transfer", "20-usr.transfer", "30-uki.transfer"]
     assert (ctx.tree / "usr/lib/particle/update-source").read_text() == \
         "oci://registry.example.org/fleet/os\n"
+    dropin = ctx.tree / "usr/lib/systemd/system/systemd-sysupdate.service.d/50-particle-oci.conf"
+    assert "ConditionDirectoryNotEmpty=/usr/lib/sysupdate.d\n" in dropin.read_text()
     plain = load_spec(spec_file, overrides=["update.source=oci+http://10.0.2.100/os"])
     assert "ca-certificates" not in extra_packages(plain) and "gpg" not in extra_packages(plain)

@@ -23,6 +23,7 @@ from .context import BuildContext
 from .trust import verify_updates
 
 ASSESS_DROPIN = "particle-assess.conf"
+SYSUPDATE_SERVICE_DROPIN = "usr/lib/systemd/system/systemd-sysupdate.service.d/50-particle-oci.conf"
 TRIAL_SCRIPT = "usr/lib/particle/particle-trial"
 TRIAL_UNIT = "usr/lib/systemd/system/particle-trial.service"
 TRIAL_DROPINS = {"emergency-trial.conf": "usr/lib/systemd/system/emergency.service.d",
@@ -66,6 +67,13 @@ def update_definitions(ctx: BuildContext) -> None:
             source_file = ctx.tree / SOURCE_FILE
             source_file.parent.mkdir(parents=True, exist_ok=True)
             source_file.write_text(update.source + "\n")
+            # Debian's systemd-sysupdate.timer would run sysupdate without definitions, and the
+            # failed unit would leave the system degraded: it has nothing to do here.
+            dropin = ctx.tree / SYSUPDATE_SERVICE_DROPIN
+            dropin.parent.mkdir(parents=True, exist_ok=True)
+            dropin.write_text("# Written by ParticleOS: updates come from a registry "
+                              "(particle update)\n[Unit]\n"
+                              f"ConditionDirectoryNotEmpty=/{SYSUPDATE_DIR}\n")
         else:
             sets.insert(0, (SYSUPDATE_DIR, update.source, verify_updates(ctx.spec)))
         for where, source, verify in sets:
