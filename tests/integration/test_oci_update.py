@@ -244,6 +244,10 @@ def test_machine_updates_from_the_registry_and_refuses_what_does_not_check_out(
         # Only the local transfers: sysupdate never talks to the registry itself.
         assert sh.out("ls /usr/lib/sysupdate.d 2>/dev/null | wc -l") == "0"
         assert "30-uki.transfer" in sh.out("ls /usr/lib/particle/sysupdate.local.d")
+        # Debian's automatic sysupdate has nothing to do: skipped, not failed (no degraded).
+        sh.run("systemctl start systemd-sysupdate.service")
+        assert sh.out("systemctl show -P ConditionResult systemd-sysupdate.service") == "no"
+        assert sh.out("systemctl --failed --no-legend --plain") == ""
 
         rc, out = sh.run("particle update --check", check=False)
         assert rc == 1 and "10.0.2.100 needs credentials" in out and "Traceback" not in out
