@@ -30,6 +30,7 @@ from ..signing import (
 )
 from ..spec import Spec
 from ..ui import ui
+from ..update.transfer import is_oci
 from .context import BuildContext
 from .loader import ship_loader
 
@@ -71,7 +72,13 @@ def install_trust(ctx: BuildContext) -> None:
                Path(ctx.spec.signing.certificate or ""), ctx.tree / SDBOOT, signed)
         ctx.bootloader = signed
     if pgp_key is not None:
-        if ctx.spec.update.source and not (ctx.tree / "usr/bin/gpg").exists():
+        source = ctx.spec.update.source
+        if source and is_oci(source) and not (ctx.tree / "usr/bin/gpgv").exists():
+            raise ParticleError(
+                "the image has no gpgv, which `particle update` needs to verify the registry's "
+                'SHA256SUMS.gpg: add "gpgv" to packages.install'
+            )
+        if source and not is_oci(source) and not (ctx.tree / "usr/bin/gpg").exists():
             raise ParticleError(
                 "the image has no gpg, which systemd-sysupdate needs to verify SHA256SUMS.gpg: "
                 'add "gpg" to packages.install'

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import bootlog, etcmerge, gpt, loader
+from . import bootlog, etcmerge, gpt, loader, registry
 from . import entries as boot_entries
 from .cli import MachineError
 from .entries import Entry, os_release_fields
@@ -97,7 +97,12 @@ def run_text(argv: list[str]) -> str:
 
 
 def update_source() -> str | None:
-    """The Path= of the first transfer's [Source] (they all use the same source)."""
+    """The registry the builder recorded (`particle update` fetches from it itself), else the
+    Path= of the first transfer's [Source] (they all use the same source)."""
+    try:
+        return registry.SOURCE_FILE.read_text().strip() or None
+    except FileNotFoundError:
+        pass
     for d in SYSUPDATE_DIRS:
         for f in sorted(d.glob("*.transfer")) if d.is_dir() else []:
             section = ""

@@ -16,7 +16,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from . import bootlog, gpt, status, switch
+from . import bootlog, gpt, registry, status, switch
 from . import entries as boot_entries
 from .cli import MachineError
 from .entries import Entry
@@ -74,17 +74,20 @@ def _automatic_update_running() -> bool:
 
 
 def check(running: str) -> str:
-    """What a newer version would be: asks sysupdate for every version it knows (available at
-    the source or installed) and the boot entries for what is already installed."""
-    proc = _sysupdate("--json=short", "list", capture=True)
-    try:
-        listed = json.loads(proc.stdout) if proc.returncode == 0 else None
-    except ValueError:
-        listed = None
-    if not isinstance(listed, dict):
-        raise MachineError(f"checking for updates failed:\n{proc.stderr.strip()}")
-    versions = sorted((str(v) for v in listed.get("all") or []), key=version_key)
-    newest = versions[-1] if versions else running
+    """What a newer version would be: asks sysupdate (or the registry's tags) for every version
+    it knows and the boot entries for what is already installed."""
+    if registry.is_oci(status.update_source()):
+        newest = registry.newest_version(running) or running
+    else:
+        proc = _sysupdate("--json=short", "list", capture=True)
+        try:
+            listed = json.loads(proc.stdout) if proc.returncode == 0 else None
+        except ValueError:
+            listed = None
+        if not isinstance(listed, dict):
+            raise MachineError(f"checking for updates failed:\n{proc.stderr.strip()}")
+        versions = sorted((str(v) for v in listed.get("all") or []), key=version_key)
+        newest = versions[-1] if versions else running
     if vercmp(newest, running) <= 0:
         return f"up to date: {running} is the newest version"
     _, found = _entries()
@@ -135,7 +138,11 @@ def cmd_update(args: argparse.Namespace) -> int:
         for name in switch.detach_stale_usr():
             print(f"detached the unused /usr device {name}")
         print(f"running {running}; looking for updates at {status.update_source()}", flush=True)
-        install_from_source()
+        if registry.is_oci(status.update_source()):  # particle fetches and verifies, then
+            if registry.fetch(running, {e.version for e in before}, INCOMING):  # sysupdate
+                install_local()
+        else:
+            install_from_source()
     _, found = _entries()
     default = next((e for e in found if e.default), None)
     if default is None or default.version == running:
