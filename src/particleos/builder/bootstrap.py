@@ -34,6 +34,7 @@ from ..errors import ParticleError
 from ..spec import Spec
 from ..tools import run_in_root
 from ..ui import ui
+from . import encryption
 from .context import BuildContext
 
 # What every image needs, whatever the spec says: systemd as init with the pieces that boot
@@ -99,11 +100,13 @@ def base_packages(spec: Spec) -> list[str]:
 
 
 def extra_packages(spec: Spec) -> list[str]:
-    """Layer 2's packages: the spec's own (and gpg when updates are OpenPGP-verified)."""
+    """Layer 2's packages: the spec's own (and gpg when updates are OpenPGP-verified, libtss2
+    for an encrypted root)."""
     base = set(base_packages(spec))
     wanted: list[str] = []
     if spec.signing.openpgp_key and spec.update.source:
         wanted.append("gpg")  # systemd-pull checks SHA256SUMS.gpg with it (Verify=yes)
+    wanted += encryption.packages(spec)  # libtss2 for repart and cryptsetup (encrypt = "tpm2")
     for p in spec.packages.install:
         if p not in base and p not in wanted:
             wanted.append(p)
