@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import bootlog, etcmerge, gpt
+from . import bootlog, encryption, etcmerge, gpt
 from . import entries as boot_entries
 from .cli import MachineError
 from .entries import Entry, os_release_fields
@@ -162,6 +162,7 @@ def collect() -> dict[str, Any]:
         "failed_tries": [t.to_json() for t in failures],
         "pending": pending,
         "update_source": update_source(),
+        "root": encryption.root_state(),
         "etc": {"derived_from": etcmerge.stamp_version(Path("/etc")),
                 "conflicts": etcmerge.conflicts(Path("/etc"))},
         "notes": notes,
@@ -202,6 +203,8 @@ def render(st: dict[str, Any]) -> str:
     else:
         lines.append("pending:    nothing; the next boot runs this version")
     lines.append(f"updates:    {st['update_source'] or 'no update source in this image'}")
+    if "root" in st:
+        lines.append(encryption.render_root(st["root"]))
     for t in st.get("failed_tries", []):
         lines.append(f"failed:     {t['version']} try {t['try'] or '?'} (boot {t['boot']}): "
                      f"{t['how']}")
