@@ -254,9 +254,13 @@ class VM:
         self.accel = choose_accel(self.opts)
         if self.opts.tpm is not None:
             self._start_swtpm(self.opts.tpm)
-        if self.opts.log:
-            self._log = self.opts.log.open("ab")
-        self.proc = self._spawn()
+        try:
+            if self.opts.log:
+                self._log = self.opts.log.open("ab")
+            self.proc = self._spawn()
+        except BaseException:
+            self._stop_swtpm()  # __exit__ does not run when __enter__ fails
+            raise
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         return self
