@@ -140,8 +140,12 @@ def build(spec: Path | None, profiles: tuple[str, ...], overrides: tuple[str, ..
               show_default=True, envvar="PARTICLE_ACCEL",
               help="auto: KVM when it really runs the firmware here, else TCG (also when KVM "
                    "fails during the boot); kvm: fail at once if it does not work.")
+@click.option("--tpm", type=click.Path(path_type=Path, file_okay=False), default=None,
+              metavar="DIR", help="Give the guest a TPM2 (swtpm) whose state lives in DIR "
+                                  "(created if missing; the same DIR is the same TPM).")
 def qemu(image: Path | None, snapshot: bool, timeout: float, expect: str | None,
-         memory: int, secure_boot: bool, certificate: Path | None, accel: str) -> None:
+         memory: int, secure_boot: bool, certificate: Path | None, accel: str,
+         tpm: Path | None) -> None:
     """Boot a built image in QEMU with UEFI and a serial console. With --expect, exits
     non-zero as soon as the guest is known dead (QEMU stopped it, nothing to boot)."""
     import tempfile
@@ -156,7 +160,7 @@ def qemu(image: Path | None, snapshot: bool, timeout: float, expect: str | None,
                                   directory=Path(tmp) if snapshot else disk.parent)
         sys.exit(boot(disk, snapshot=snapshot, timeout=timeout, expect=expect,
                       memory_mib=memory, vars_file=vars_file, secure_boot=secure_boot,
-                      accel=cast(Accel, accel)))
+                      accel=cast(Accel, accel), tpm=tpm))
 
 
 @cli.command(context_settings={"ignore_unknown_options": True,

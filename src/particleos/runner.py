@@ -29,6 +29,7 @@ PACKAGE_OF = {
     "mcopy": "mtools",
     "mmd": "mtools",
     "qemu-system-x86_64": "qemu-system-x86",
+    "swtpm": "swtpm",
     "qemu-img": "qemu-utils",
     "unshare": "util-linux",
     "setpriv": "util-linux",

@@ -35,6 +35,7 @@ from ..spec import Spec
 from ..tools import run_in_root
 from ..ui import ui
 from ..update.transfer import is_oci
+from . import encryption
 from .context import BuildContext
 
 # What every image needs, whatever the spec says: systemd as init with the pieces that boot
@@ -101,7 +102,8 @@ def base_packages(spec: Spec) -> list[str]:
 
 
 def extra_packages(spec: Spec) -> list[str]:
-    """Layer 2's packages: the spec's own (and gpg when updates are OpenPGP-verified)."""
+    """Layer 2's packages: the spec's own (and gpg when updates are OpenPGP-verified, libtss2
+    for an encrypted root)."""
     base = set(base_packages(spec))
     wanted: list[str] = []
     source = spec.update.source or ""
@@ -111,6 +113,7 @@ def extra_packages(spec: Spec) -> list[str]:
             wanted.append("ca-certificates")  # curl's https (a Recommends, not installed)
     elif spec.signing.openpgp_key and source:
         wanted.append("gpg")  # systemd-pull checks SHA256SUMS.gpg with it (Verify=yes)
+    wanted += encryption.packages(spec)  # libtss2 for repart and cryptsetup (encrypt = "tpm2")
     for p in spec.packages.install:
         if p not in base and p not in wanted:
             wanted.append(p)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import bootlog, etcmerge, gpt, loader, registry
+from . import bootlog, encryption, etcmerge, gpt, loader, registry
 from . import entries as boot_entries
 from .cli import MachineError
 from .entries import Entry, os_release_fields
@@ -174,6 +174,7 @@ def collect() -> dict[str, Any]:
         "pending": pending,
         "update_source": update_source(),
         "loader": loader_state,
+        "root": encryption.root_state(),
         "etc": {"derived_from": etcmerge.stamp_version(Path("/etc")),
                 "conflicts": etcmerge.conflicts(Path("/etc"))},
         "notes": notes,
@@ -216,6 +217,8 @@ def render(st: dict[str, Any]) -> str:
     lines.append(f"updates:    {st['update_source'] or 'no update source in this image'}")
     if st.get("loader"):
         lines.append(loader.render(st["loader"]))
+    if "root" in st:
+        lines.append(encryption.render_root(st["root"]))
     for t in st.get("failed_tries", []):
         lines.append(f"failed:     {t['version']} try {t['try'] or '?'} (boot {t['boot']}): "
                      f"{t['how']}")

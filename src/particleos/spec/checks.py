@@ -28,6 +28,7 @@ UKI_SIZE = 35 * MiB  # a Debian kernel with its initrd, as a unified kernel imag
 ESP_MIN = max(2 * UKI_SIZE + 2 * MiB, FAT32_MIN_SIZE)  # A and B UKIs plus the boot loader
 USR_MIN = 64 * MiB  # the smallest Debian /usr (apt, systemd, kernel modules) is ~100 MiB
 ROOT_MIN = 16 * MiB  # factory /etc, /var and the file system's own metadata
+LUKS2_HEADER = 16 * MiB  # what systemd-repart's LUKS2 header takes from an encrypted root
 AUTO_VERSION = "YYYYMMDDHHMMSS"  # what "auto" becomes (see builder.pipeline.resolve_version)
 
 Where = Callable[[KeyPath], tuple[str, KeyPath]]
@@ -64,6 +65,7 @@ def check_inputs(
         ({"update"}, lambda: _registry_source(spec)),
         ({"image"}, lambda: _sizes(spec)),
         ({"boot"}, lambda: _loader(spec)),
+        ({"image", "system"}, lambda: _encryption(spec)),
     ]
     problems: list[Problem] = []
     for sections, check in checks:
@@ -230,14 +232,17 @@ def _version(spec: Spec, version: str | None) -> list[Problem]:
 
 def _sizes(spec: Spec) -> list[Problem]:
     img = spec.image
+    root_min = ROOT_MIN + (LUKS2_HEADER if img.encrypt != "off" else 0)
+    root_why = "the root partition holds the factory /etc and /var" + (
+        f" and, encrypted, a {format_size(LUKS2_HEADER)} LUKS2 header" if img.encrypt != "off"
+        else "")
     floors = [
         ("esp_size", img.esp_size, ESP_MIN,
          f"the ESP holds two unified kernel images of ~{format_size(UKI_SIZE)} (A and B) and "
          "the boot loader"),
         ("usr_slot_size", img.usr_slot_size, USR_MIN,
          "a /usr slot holds a compressed Debian /usr, ~100 MiB for a minimal image"),
-        ("root_size", img.root_size, ROOT_MIN,
-         "the root partition holds the factory /etc and /var"),
+        ("root_size", img.root_size, root_min, root_why),
     ]
     out = []
     for name, size, floor, why in floors:
@@ -248,4 +253,35 @@ def _sizes(spec: Spec) -> list[Problem]:
                 f"{format_size(floor)})",
                 f"set image.{name} = \"{floor // MiB}M\" or more",
             ))
+    return out
+
+
+# --- encryption -------------------------------------------------------------------------------
+
+
+def _encryption(spec: Spec) -> list[Problem]:
+    img = spec.image
+    out = []
+    key = img.recovery_key
+    if key != "console" and not (key.startswith("/") and "\n" not in key
+                                 and not key.endswith("/") and "/../" not in key + "/"):
+        out.append(Problem(
+            ("image", "recovery_key"),
+            f"bad recovery key destination {key!r} (allowed: \"console\" or an absolute file "
+            "path on the machine)",
+        ))
+    elif key != "console" and img.encrypt == "off":
+        out.append(Problem(
+            ("image", "recovery_key"),
+            "a recovery key is only made for an encrypted root, and image.encrypt is \"off\" "
+            "(allowed: only with encrypt = \"tpm2\")",
+            'set image.encrypt = "tpm2", or remove image.recovery_key',
+        ))
+    if img.encrypt == "tpm2" and spec.system.release == "bookworm":
+        out.append(Problem(
+            ("image", "encrypt"),
+            "an encrypted root needs systemd 257's repart and cryptenroll, which bookworm "
+            "(systemd 252) lacks (allowed with release = \"trixie\")",
+            'set system.release = "trixie", or image.encrypt = "off"',
+        ))
     return out

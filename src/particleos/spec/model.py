@@ -230,6 +230,16 @@ class Image(Model):
     esp_size: Size = 256 << 20
     root_size: Size = 512 << 20
     layout: Literal["ab-usr"] = "ab-usr"
+    encrypt: Literal["off", "tpm2"] = Field(
+        "off",
+        description='"tpm2": the first boot creates root as LUKS2 sealed to the TPM2 (PCR 7); '
+        "/usr stays dm-verity.",
+    )
+    recovery_key: str = Field(
+        "console",
+        description='With encrypt = "tpm2": "console" (printed once at the first boot) or an '
+        "absolute path on the machine where the recovery key is written once.",
+    )
 
     # A field validator (filesystem is declared, hence validated, first) so errors point at
     # `image.compression` and are reported even when another image key is wrong too.

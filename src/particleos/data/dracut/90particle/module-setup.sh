@@ -7,8 +7,18 @@ check() {
     return 0
 }
 
+# An encrypted root (image.encrypt = "tpm2" puts libtss2 into the tree): systemd-repart creates
+# it at the first boot and systemd-cryptsetup unlocks it with the TPM2 at every boot.
+# (find, not a glob: dracut runs modules with globbing off.)
+particle_tpm2() {
+    [ -n "$(find /usr/lib -maxdepth 2 -name 'libtss2-esys.so.0' -print -quit 2>/dev/null)" ]
+}
+
 depends() {
     echo systemd
+    if particle_tpm2; then
+        echo systemd-repart systemd-cryptsetup
+    fi
     return 0
 }
 
@@ -26,4 +36,13 @@ install() {
         "$systemdsystemunitdir/emergency.service.d/50-particle-trial.conf"
     inst_simple "$moddir/rescue-trial.conf" \
         "$systemdsystemunitdir/rescue.service.d/50-particle-trial.conf"
+    if particle_tpm2; then
+        # repart formats the new root; systemd dlopens libtss2 (not seen by ldd-based
+        # resolution), cryptsetup's TPM2 token plugin too.
+        inst_multiple mkfs.ext4 mke2fs
+        [ -e /etc/mke2fs.conf ] && inst_simple /etc/mke2fs.conf
+        inst_libdir_file "libtss2-esys.so.*" "libtss2-rc.so.*" "libtss2-mu.so.*" \
+            "libtss2-sys.so.*" "libtss2-tcti-device.so.*" "libtss2-tctildr.so.*" \
+            "cryptsetup/libcryptsetup-token-systemd-tpm2.so"
+    fi
 }
