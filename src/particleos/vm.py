@@ -34,6 +34,8 @@ __all__ = ["VM", "VMError", "VMOptions", "boot", "find_ovmf", "kvm_problem", "qe
 Accel = Literal["auto", "kvm", "tcg"]
 ACCELS: Final = ("auto", "kvm", "tcg")
 QEMU: Final = "qemu-system-x86_64"
+SWTPM: Final = "swtpm"
+SWTPM_START_SECONDS: Final = 10.0  # until its control socket exists
 PROBE_SECONDS: Final = 2.0  # a broken KVM shows its error within a second of starting OVMF
 # What QEMU prints (on stderr, which a boot merges into the console stream) when KVM cannot run
 # the guest: the guest is paused ("KVM internal error") or QEMU aborts (MSR assertion), or it
@@ -148,6 +150,7 @@ class VMOptions:
     reboot: bool = True  # False: QEMU exits when the guest reboots
     secure_boot: bool = False  # SMM firmware that enforces Secure Boot (vars_file: enrolled)
     accel: Accel = "auto"  # auto: KVM when it runs the firmware, else (or if it fails) TCG
+    tpm: Path | None = None  # a TPM2 (swtpm) whose state lives in this directory
 
 
 def choose_accel(opts: VMOptions) -> Literal["kvm", "tcg"]:
@@ -166,9 +169,25 @@ def choose_accel(opts: VMOptions) -> Literal["kvm", "tcg"]:
     return "tcg"
 
 
+def tpm_argv(socket: Path) -> list[str]:
+    """QEMU's TPM2 (TIS interface) backed by the swtpm listening on `socket`."""
+    return ["-chardev", f"socket,id=chrtpm,path={socket}",
+            "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+            "-device", "tpm-tis,tpmdev=tpm0"]
+
+
+def swtpm_argv(state: Path, socket: Path) -> list[str]:
+    """A TPM2 emulator keeping its state (keys, NV, PCR policy secrets) in `state`. No
+    --terminate: a QEMU restarted under TCG connects to the same TPM again."""
+    return [SWTPM, "socket", "--tpm2", "--tpmstate", f"dir={state}",
+            "--ctrl", f"type=unixio,path={socket}"]
+
+
 def qemu_argv(image: Path, opts: VMOptions, vars_path: Path,
-              accel: Literal["kvm", "tcg"] | None = None) -> list[str]:
-    """The QEMU command line of a boot (`accel` None: as choose_accel() decides)."""
+              accel: Literal["kvm", "tcg"] | None = None,
+              tpm_socket: Path | None = None) -> list[str]:
+    """The QEMU command line of a boot (`accel` None: as choose_accel() decides;
+    `tpm_socket` the swtpm of `opts.tpm`)."""
     code = firmware_code(secure_boot=opts.secure_boot)
     machine, secure = _machine(opts.secure_boot)
     argv = [
@@ -188,6 +207,8 @@ def qemu_argv(image: Path, opts: VMOptions, vars_path: Path,
         argv += ["-nic", nic]
     if not opts.reboot:
         argv.append("-no-reboot")
+    if tpm_socket is not None:
+        argv += tpm_argv(tpm_socket)
     return argv + secure + opts.extra
 
 
@@ -212,6 +233,8 @@ class VM:
         self._reader: threading.Thread | None = None
         self._log: IO[bytes] | None = None
         self._vars: Path | None = None
+        self.swtpm: subprocess.Popen[bytes] | None = None
+        self._tpm_socket: Path | None = None
 
     def _vars_path(self) -> Path:
         if self.opts.vars_file is not None:
@@ -229,16 +252,57 @@ class VM:
         find_ovmf()
         self._vars = self._vars_path()
         self.accel = choose_accel(self.opts)
-        if self.opts.log:
-            self._log = self.opts.log.open("ab")
-        self.proc = self._spawn()
+        if self.opts.tpm is not None:
+            self._start_swtpm(self.opts.tpm)
+        try:
+            if self.opts.log:
+                self._log = self.opts.log.open("ab")
+            self.proc = self._spawn()
+        except BaseException:
+            self._stop_swtpm()  # __exit__ does not run when __enter__ fails
+            raise
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         return self
 
+    def _start_swtpm(self, state: Path) -> None:
+        """Start the TPM2 emulator for this VM's life; its socket lives in our temporary
+        directory, its state in `state` (kept: the same directory is the same TPM)."""
+        runner.require(SWTPM)
+        state.mkdir(parents=True, exist_ok=True)
+        socket = Path(self._tmp.name) / "swtpm.sock"
+        argv = swtpm_argv(state, socket)
+        ui.debug("$ " + " ".join(argv))
+        errors = Path(self._tmp.name) / "swtpm.err"
+        with errors.open("wb") as err:
+            self.swtpm = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + SWTPM_START_SECONDS
+        while not socket.exists():
+            status = self.swtpm.poll()
+            if status is not None or time.monotonic() > deadline:
+                text = errors.read_text(errors="replace").strip()
+                self._stop_swtpm()
+                why = (f"exited with status {status}" if status is not None
+                       else f"made no socket within {SWTPM_START_SECONDS:.0f} s")
+                raise VMError(f"swtpm (TPM state {state}) {why}" + (f": {text}" if text else ""))
+            time.sleep(0.05)
+        self._tpm_socket = socket
+
+    def _stop_swtpm(self) -> None:
+        if self.swtpm is not None:
+            if self.swtpm.poll() is None:
+                self.swtpm.terminate()
+                try:
+                    self.swtpm.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.swtpm.kill()
+                    self.swtpm.wait()
+            self.swtpm = None
+
     def _spawn(self) -> subprocess.Popen[bytes]:
         assert self._vars is not None and self.accel is not None
-        argv = qemu_argv(self.image, self.opts, self._vars, self.accel)
+        argv = qemu_argv(self.image, self.opts, self._vars, self.accel, self._tpm_socket)
         ui.debug("$ " + " ".join(argv))
         if self.opts.interactive:
             # The terminal is the console; QEMU's own messages are watched on their way to it.
@@ -403,6 +467,7 @@ class VM:
             self._reader.join(timeout=10)
         if self.proc is not None and self.proc is not proc:  # a restart raced with us
             self._stop(self.proc)
+        self._stop_swtpm()  # after QEMU: the guest's TPM goes with the machine
         if self._log:
             self._log.close()
             self._log = None
@@ -427,11 +492,11 @@ def _clean(text: str) -> str:
 
 def boot(image: Path, *, snapshot: bool, timeout: float, expect: str | None,
          memory_mib: int = 2048, vars_file: Path | None = None,
-         secure_boot: bool = False, accel: Accel = "auto") -> int:
+         secure_boot: bool = False, accel: Accel = "auto", tpm: Path | None = None) -> int:
     """`particle qemu`: interactive console, or with `expect` a pass/fail check that fails
     as soon as the guest is known dead rather than at `timeout`."""
     opts = VMOptions(snapshot=snapshot, memory_mib=memory_mib, vars_file=vars_file,
-                     secure_boot=secure_boot, accel=accel)
+                     secure_boot=secure_boot, accel=accel, tpm=tpm)
     if expect is None:
         opts.interactive = True
         with VM(image, opts) as vm:

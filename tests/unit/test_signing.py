@@ -288,3 +288,23 @@ def test_enrolled_variables_hold_the_owner_certificate(tmp_path: Path, pair: Key
     db_only = holders(shown[setup])
     assert db_only["db"] == "CN=Test Owner"
     assert "PK" not in db_only and "KEK" not in db_only  # setup mode: nothing enforced
+
+
+@needs_gpg
+def test_local_transfer_files_mirror_the_url_ones_with_the_incoming_directory(
+    tmp_path: Path, keys: KeyFiles
+) -> None:
+    """particle installs files it fetched itself (deltas, registries) through these: the same
+    targets and order as the URL transfers, the source a local directory, no gpg check (particle
+    verifies the files against the signed SHA256SUMS before)."""
+    ctx = make_ctx(tmp_path, signing_toml(keys) + '[update]\nsource = "http://10.0.2.100/u/"\n')
+    update_definitions(ctx)
+    assert ctx.tree is not None
+    url = {f.name: f.read_text() for f in (ctx.tree / "usr/lib/sysupdate.d").glob("*.transfer")}
+    local_dir = ctx.tree / "usr/lib/particle/sysupdate.local.d"
+    local = {f.name: f.read_text() for f in local_dir.glob("*.transfer")}
+    assert sorted(local) == sorted(url)
+    for name, text in local.items():
+        assert "Type=regular-file\nPath=/var/lib/particle/incoming\n" in text, name
+        assert "Verify=no\n" in text
+        assert text.split("[Target]")[1] == url[name].split("[Target]")[1]

@@ -25,6 +25,18 @@ mode = os.environ["STANDIN_MODE"]
 with open(os.environ["STANDIN_LOG"], "a") as f:
     f.write(" ".join(argv) + "\\n")
 kvm = argv[argv.index("-accel") + 1] == "kvm"
+for a in argv:  # a TPM: is swtpm listening on the socket QEMU is given?
+    if a.startswith("socket,id=chrtpm,path="):
+        import socket
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(a.split("path=", 1)[1])
+            state = "connected"
+        except OSError as e:
+            state = f"refused ({{e}})"
+        s.close()
+        with open(os.environ["STANDIN_LOG"] + ".tpm", "a") as f:
+            f.write(state + "\\n")
 booting = any(a.startswith("if=none,id=disk0,") for a in argv)  # the probe has no disk
 
 def out(text):
@@ -240,3 +252,61 @@ def test_probe_of_qemu_that_exits(standin: Path, monkeypatch: pytest.MonkeyPatch
     (standin.parent / "bin/qemu-system-x86_64").write_text("#!/bin/sh\necho oops >&2\nexit 3\n")
     assert vm.kvm_problem(secure_boot=True) == \
         "QEMU exited with status 3 while starting the firmware: oops"
+
+
+# --- a TPM2 for the guest (swtpm) -------------------------------------------------------------
+
+
+def swtpm_processes(state: Path) -> list[int]:
+    """Running swtpm processes that use `state` (read from /proc; nothing is signalled)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmdline and cmdline[0].endswith(b"swtpm") and f"dir={state}".encode() in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_tpm_is_a_swtpm_for_the_vms_life(image: Path, standin: Path, tmp_path: Path) -> None:
+    state = tmp_path / "tpm-state"
+    proc = particle_qemu(image, "ok", "--accel", "tcg", "--tpm", str(state),
+                         "--expect", "login:")
+    assert proc.returncode == 0, proc.stderr
+    boot = next(line.split() for line in standin.read_text().splitlines())
+    assert boot[boot.index("-tpmdev") + 1] == "emulator,id=tpm0,chardev=chrtpm"
+    assert boot[boot.index("-device", boot.index("-tpmdev")) + 1] == "tpm-tis,tpmdev=tpm0"
+    # QEMU found the real swtpm listening when it started; it was gone after QEMU.
+    assert Path(f"{standin}.tpm").read_text() == "connected\n"
+    assert state.is_dir()
+    assert swtpm_processes(state) == []
+
+
+def test_vm_close_ends_swtpm(image: Path, standin: Path, tmp_path: Path,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STANDIN_MODE", "ok")
+    state = tmp_path / "tpm"
+    with vm.VM(image, vm.VMOptions(snapshot=True, accel="tcg", tpm=state)) as v:
+        v.expect("login:", 600)
+        swtpm = v.swtpm
+        assert swtpm is not None and swtpm.poll() is None
+        assert swtpm_processes(state) == [swtpm.pid]
+    assert swtpm.poll() is not None
+    assert swtpm_processes(state) == []
+
+
+def test_swtpm_that_fails_is_a_message(image: Path, standin: Path, tmp_path: Path) -> None:
+    fake = standin.parent / "bin/swtpm"
+    fake.write_text("#!/bin/sh\necho 'swtpm: Could not open TPM state: Permission denied' >&2\n"
+                    "exit 1\n")
+    fake.chmod(0o755)
+    proc = particle_qemu(image, "ok", "--accel", "tcg", "--tpm", str(tmp_path / "tpm"),
+                         "--expect", "login:")
+    assert proc.returncode != 0
+    assert "swtpm (TPM state " in proc.stderr
+    assert "exited with status 1: swtpm: Could not open TPM state: Permission denied" \
+        in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert standin.read_text() == ""  # QEMU never started

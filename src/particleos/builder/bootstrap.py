@@ -34,6 +34,8 @@ from ..errors import ParticleError
 from ..spec import Spec
 from ..tools import run_in_root
 from ..ui import ui
+from ..update.transfer import is_oci
+from . import encryption
 from .context import BuildContext
 
 # What every image needs, whatever the spec says: systemd as init with the pieces that boot
@@ -54,6 +56,7 @@ BASE_PACKAGES = (
     "e2fsprogs",
     "python3-minimal",
     "passwd",
+    "curl",  # the machine's HTTP client (registry updates, deltas): python3-minimal has none
 )
 # bookworm (systemd 252) ships repart and the cryptsetup/veritysetup generators inside the
 # systemd package itself.
@@ -99,11 +102,18 @@ def base_packages(spec: Spec) -> list[str]:
 
 
 def extra_packages(spec: Spec) -> list[str]:
-    """Layer 2's packages: the spec's own (and gpg when updates are OpenPGP-verified)."""
+    """Layer 2's packages: the spec's own (and gpg when updates are OpenPGP-verified, libtss2
+    for an encrypted root)."""
     base = set(base_packages(spec))
     wanted: list[str] = []
-    if spec.signing.openpgp_key and spec.update.source:
+    source = spec.update.source or ""
+    if is_oci(source):
+        wanted.append("gpgv")  # `particle update` checks the registry's SHA256SUMS.gpg
+        if source.startswith("oci://"):
+            wanted.append("ca-certificates")  # curl's https (a Recommends, not installed)
+    elif spec.signing.openpgp_key and source:
         wanted.append("gpg")  # systemd-pull checks SHA256SUMS.gpg with it (Verify=yes)
+    wanted += encryption.packages(spec)  # libtss2 for repart and cryptsetup (encrypt = "tpm2")
     for p in spec.packages.install:
         if p not in base and p not in wanted:
             wanted.append(p)

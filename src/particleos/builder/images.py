@@ -1,9 +1,11 @@
 """Stages 6-8: dm-verity over the usr image, the UKI that pins it, and the GPT disk image with
-the ESP, slot A filled, slot B empty and the root partition."""
+the ESP, slot A filled, slot B empty and the root partition (or, for an encrypted root, the
+free space the first boot makes it in)."""
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 from .. import disk, uki
 from ..verity import format_verity, verity_uuids
@@ -71,8 +73,13 @@ def disk_image(ctx: BuildContext) -> None:
             "/loader/loader.conf": loader_conf,
         },
     )
-    root = ctx.work_dir / "root.img"
-    disk.make_ext4(root, img.root_size, label="root", uuid=ctx.stable_uuid("root-fs"))
+    # An encrypted root is made on the machine, at its first boot (builder/encryption.py): the
+    # image leaves root_size free for it, so no key ever exists outside the machine's TPM.
+    encrypted = img.encrypt != "off"
+    root: Path | None = None
+    if not encrypted:
+        root = ctx.work_dir / "root.img"
+        disk.make_ext4(root, img.root_size, label="root", uuid=ctx.stable_uuid("root-fs"))
     usr_uuid, verity_uuid = verity_uuids(ctx.root_hash)
     parts = disk.ab_usr_layout(
         image_id=ctx.image_id,
@@ -86,7 +93,9 @@ def disk_image(ctx: BuildContext) -> None:
         usr_slot_size=img.usr_slot_size,
         root=root,
         root_size=img.root_size,
+        root_partition=not encrypted,
     )
     out = ctx.staging / f"{ctx.name}.raw"
-    disk.write_disk(out, parts, disk_uuid=ctx.stable_uuid("disk"))
+    disk.write_disk(out, parts, disk_uuid=ctx.stable_uuid("disk"),
+                    free_space=img.root_size if encrypted else 0)
     ctx.disk = out

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import shutil
 from importlib import resources
+from pathlib import Path
 
 from .context import BuildContext
+from .encryption import ROOT_DEFINITION as ROOT_DEFINITION_PATH
 
-ROOT_DEFINITION = "50-particle-root.conf"
+# The one root definition (usr/lib/repart.d/50-root.conf, encryption.ROOT_DEFINITION): this
+# plain one, or the encryption stage's for an encrypted root.
+ROOT_DEFINITION = Path(ROOT_DEFINITION_PATH).name
 # systemd enables repart in the real root too (sysinit.target): with root mounted it has nothing
 # left to do after the initrd's run, and under load it delayed udev enough that /dev/ttyS0 timed
 # out in our tests.
@@ -46,10 +50,11 @@ def install_machine_tools(ctx: BuildContext) -> None:
     launcher.write_text(LAUNCHER)
     launcher.chmod(0o755)
     # In /usr (read by repart in the initrd from /sysusr/usr): every version carries its own.
-    repart = ctx.tree / "usr/lib/repart.d"
-    repart.mkdir(parents=True, exist_ok=True)
-    definition = resources.files("particleos") / "data" / "repart" / ROOT_DEFINITION
-    (repart / ROOT_DEFINITION).write_bytes(definition.read_bytes())
+    if ctx.spec.image.encrypt == "off":  # else the encryption stage writes the definition
+        dest = ctx.tree / ROOT_DEFINITION_PATH
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        definition = resources.files("particleos") / "data" / "repart" / ROOT_DEFINITION
+        dest.write_bytes(definition.read_bytes())
     dropin = ctx.tree / "usr/lib/systemd/system/systemd-repart.service.d"
     dropin.mkdir(parents=True, exist_ok=True)
     (dropin / "50-particle-initrd-only.conf").write_text(REPART_INITRD_ONLY)

@@ -27,6 +27,7 @@ from .artifacts import artifacts
 from .bootstrap import bootstrap
 from .configure import configure
 from .context import BuildContext
+from .encryption import encrypted_root
 from .extensions import extensions, sysext_support
 from .hermetic import hermetic
 from .images import boot_files, build_uki, disk_image, verity
@@ -70,6 +71,8 @@ STAGES: list[Stage] = [
     stage("updates", "updates: sysupdate transfers, boot assessment", update_definitions,
           needs="tree"),
     stage("machine-tools", "machine-side particle command", install_machine_tools,
+          needs="tree"),
+    stage("encryption", "encrypted root: first-boot definition, recovery key", encrypted_root,
           needs="tree"),
     stage("sysext-support", "system extensions: merged at boot", sysext_support, needs="tree"),
     stage("boot-files", "kernel and initrd", boot_files, needs="tree kernel_version",

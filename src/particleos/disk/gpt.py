@@ -16,7 +16,7 @@ from .. import formats, runner
 from ..cache import atomic_file
 from ..errors import ParticleError
 from .layout import GPT_NAME_MAX, Partition, disk_size, file_size, partition_offsets
-from .sizes import ALIGNMENT, SECTOR_SIZE, MiB, format_size
+from .sizes import ALIGNMENT, SECTOR_SIZE, MiB, align_up, format_size
 
 _CHUNK = MiB
 _ZERO_CHUNK = bytes(_CHUNK)
@@ -25,9 +25,12 @@ _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 
 
 def write_disk(
-    path: Path, partitions: list[Partition], disk_uuid: UUID, sector_size: int = SECTOR_SIZE
+    path: Path, partitions: list[Partition], disk_uuid: UUID, sector_size: int = SECTOR_SIZE,
+    free_space: int = 0,
 ) -> None:
     """Create the disk image at `path` atomically: a failure leaves an existing file untouched.
+    `free_space` bytes stay unpartitioned after the last partition (where systemd-repart
+    creates an encrypted root at the first boot).
 
     Only 512-byte sectors: sfdisk takes the sector size from the device, and an image file
     always has 512 (its `sector-size:` header is informative only). OVMF wants 512 anyway.
@@ -43,7 +46,8 @@ def write_disk(
     script = _script(partitions, offsets, disk_uuid)
     with atomic_file(path) as tmp:
         with open(tmp, "wb") as f:
-            f.truncate(disk_size(partitions))  # sparse: unwritten ranges cost no space
+            # sparse: unwritten ranges cost no space
+            f.truncate(disk_size(partitions) + align_up(free_space, ALIGNMENT))
         runner.run(
             [
                 "sfdisk",

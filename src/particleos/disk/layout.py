@@ -115,10 +115,13 @@ def ab_usr_layout(
     usr_slot_size: int,
     root: Path | None,
     root_size: int,
+    root_partition: bool = True,
 ) -> list[Partition]:
     """ESP, usr slot A (filled), usr slot B (`_empty`, same sizes), root with grow-fs.
 
     Slot B gets the same sizes as A because systemd-sysupdate writes updates into it in place.
+    Without `root_partition` (an encrypted root, made by systemd-repart at the first boot)
+    the list ends with slot B and the caller leaves `root_size` free after it.
     """
     label = f"{image_id}_{version}"  # at most GPT_NAME_MAX characters: spec.checks
     usr_bytes = file_size(usr)
@@ -165,6 +168,10 @@ def ab_usr_layout(
             EMPTY_LABEL, PartType.USR_VERITY, partition_uuid_for(image_id, "usr-verity-b"), vsize
         ),
         Partition(EMPTY_LABEL, PartType.USR, partition_uuid_for(image_id, "usr-b"), usr_slot_size),
+    ]
+    if not root_partition:
+        return parts
+    parts += [
         Partition(
             "root",
             PartType.ROOT,

@@ -8,7 +8,8 @@ import importlib
 import sys
 
 # Modules that contribute verbs; a module that does not exist yet is skipped.
-VERB_MODULES = ("status", "update", "ext", "overlay", "etc", "install", "reset")
+VERB_MODULES = ("status", "update", "ext", "overlay", "etc", "loader", "encryption", "install",
+                "reset")
 
 
 class MachineError(Exception):

@@ -1,6 +1,6 @@
 """`particle factory-reset`: the next boot starts the running version as on its first boot.
 
-The systemd way: the image's root definition (/usr/lib/repart.d/50-particle-root.conf) says
+The systemd way: the image's root definition (/usr/lib/repart.d/50-root.conf) says
 `FactoryReset=yes`; this command sets the EFI variable `FactoryReset` (systemd's vendor GUID)
 that systemd-repart 257 reads in the initrd. repart then deletes the root partition, unsets the
 variable itself, and creates root anew (empty ext4 filling the free space); the initrd's

@@ -16,7 +16,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from . import bootlog, gpt, status, switch
+from . import bootlog, gpt, registry, status, switch
 from . import entries as boot_entries
 from .cli import MachineError
 from .entries import Entry
@@ -24,6 +24,10 @@ from .versions import vercmp, version_key
 
 SYSUPDATE = "/usr/lib/systemd/systemd-sysupdate"
 LOCK = Path("/run/particle-update.lock")
+# Written by the builder (update.transfer.LOCAL_SYSUPDATE_DIR / INCOMING_DIR): the image's
+# transfers with a local source directory, for files particle fetched and verified itself.
+LOCAL_DEFINITIONS = Path("/usr/lib/particle/sysupdate.local.d")
+INCOMING = Path("/var/lib/particle/incoming")
 
 
 def _sysupdate(*args: str, capture: bool = False) -> subprocess.CompletedProcess[str]:
@@ -70,17 +74,20 @@ def _automatic_update_running() -> bool:
 
 
 def check(running: str) -> str:
-    """What a newer version would be: asks sysupdate for every version it knows (available at
-    the source or installed) and the boot entries for what is already installed."""
-    proc = _sysupdate("--json=short", "list", capture=True)
-    try:
-        listed = json.loads(proc.stdout) if proc.returncode == 0 else None
-    except ValueError:
-        listed = None
-    if not isinstance(listed, dict):
-        raise MachineError(f"checking for updates failed:\n{proc.stderr.strip()}")
-    versions = sorted((str(v) for v in listed.get("all") or []), key=version_key)
-    newest = versions[-1] if versions else running
+    """What a newer version would be: asks sysupdate (or the registry's tags) for every version
+    it knows and the boot entries for what is already installed."""
+    if registry.is_oci(status.update_source()):
+        newest = registry.newest_version(running) or running
+    else:
+        proc = _sysupdate("--json=short", "list", capture=True)
+        try:
+            listed = json.loads(proc.stdout) if proc.returncode == 0 else None
+        except ValueError:
+            listed = None
+        if not isinstance(listed, dict):
+            raise MachineError(f"checking for updates failed:\n{proc.stderr.strip()}")
+        versions = sorted((str(v) for v in listed.get("all") or []), key=version_key)
+        newest = versions[-1] if versions else running
     if vercmp(newest, running) <= 0:
         return f"up to date: {running} is the newest version"
     _, found = _entries()
@@ -131,13 +138,11 @@ def cmd_update(args: argparse.Namespace) -> int:
         for name in switch.detach_stale_usr():
             print(f"detached the unused /usr device {name}")
         print(f"running {running}; looking for updates at {status.update_source()}", flush=True)
-        proc = _sysupdate("update")
-        if proc.returncode != 0:
-            raise MachineError("systemd-sysupdate update failed (see above); the running "
-                               "version and its boot entry are unchanged")
-        # sysupdate syncs what it downloads but not the final rename of the UKI: without this,
-        # a power loss right after "installed" can silently lose the update (measured).
-        os.sync()
+        if registry.is_oci(status.update_source()):  # particle fetches and verifies, then
+            if registry.fetch(running, {e.version for e in before}, INCOMING):  # sysupdate
+                install_local()
+        else:
+            install_from_source()
     _, found = _entries()
     default = next((e for e in found if e.default), None)
     if default is None or default.version == running:
@@ -156,6 +161,37 @@ def cmd_update(args: argparse.Namespace) -> int:
     else:
         print("reboot to start it, or switch to it now: particle update --soft")
     return 0
+
+
+def install_from_source() -> None:
+    """systemd-sysupdate downloads and installs the newest version from the update source."""
+    _finish_install(_sysupdate("update"), "systemd-sysupdate update")
+
+
+def install_local() -> None:
+    """Install the version whose files particle has put into INCOMING and verified (their
+    digests against the signed SHA256SUMS): the same transfers as the URL path with a local
+    source, so sysupdate's slot handling, UKI last and boot counting are the same. The
+    files are removed afterwards, installed or not (they are as large as a version)."""
+    if not LOCAL_DEFINITIONS.is_dir():
+        raise MachineError(f"{LOCAL_DEFINITIONS} is missing: this image installs only "
+                           "through systemd-sysupdate's own download")
+    try:
+        proc = _sysupdate(f"--definitions={LOCAL_DEFINITIONS}", "update")
+        _finish_install(proc, f"systemd-sysupdate update from {INCOMING}")
+    finally:
+        for f in INCOMING.iterdir() if INCOMING.is_dir() else []:
+            if f.is_file():
+                f.unlink()
+
+
+def _finish_install(proc: subprocess.CompletedProcess[str], what: str) -> None:
+    if proc.returncode != 0:
+        raise MachineError(f"{what} failed (see above); the running version and its boot "
+                           "entry are unchanged")
+    # sysupdate syncs what it downloads but not the final rename of the UKI: without this,
+    # a power loss right after "installed" can silently lose the update (measured).
+    os.sync()
 
 
 def _disk() -> str:

@@ -18,6 +18,8 @@ from pathlib import Path
 from ..disk.fs import FAT32_MIN_SIZE
 from ..disk.layout import GPT_NAME_MAX
 from ..disk.sizes import MiB, format_size
+from ..machine.registry import parse_source
+from ..update.transfer import is_oci
 from .errors import KeyPath, key_path
 from .model import Spec
 
@@ -26,6 +28,7 @@ UKI_SIZE = 35 * MiB  # a Debian kernel with its initrd, as a unified kernel imag
 ESP_MIN = max(2 * UKI_SIZE + 2 * MiB, FAT32_MIN_SIZE)  # A and B UKIs plus the boot loader
 USR_MIN = 64 * MiB  # the smallest Debian /usr (apt, systemd, kernel modules) is ~100 MiB
 ROOT_MIN = 16 * MiB  # factory /etc, /var and the file system's own metadata
+LUKS2_HEADER = 16 * MiB  # what systemd-repart's LUKS2 header takes from an encrypted root
 AUTO_VERSION = "YYYYMMDDHHMMSS"  # what "auto" becomes (see builder.pipeline.resolve_version)
 
 Where = Callable[[KeyPath], tuple[str, KeyPath]]
@@ -59,7 +62,10 @@ def check_inputs(
         ({"files"}, lambda: _files(spec)),
         ({"signing", "update"}, lambda: _signing(spec)),
         ({"system", "update"}, lambda: _version(spec, version)),
+        ({"update"}, lambda: _registry_source(spec)),
         ({"image"}, lambda: _sizes(spec)),
+        ({"boot"}, lambda: _loader(spec)),
+        ({"image", "system"}, lambda: _encryption(spec)),
     ]
     problems: list[Problem] = []
     for sections, check in checks:
@@ -153,6 +159,43 @@ def _signing(spec: Spec) -> list[Problem]:
     return out
 
 
+def _loader(spec: Spec) -> list[Problem]:
+    """`[boot] loader` must be a systemd-boot binary: machines compare its LoaderInfo version
+    with the ESP's before they install it."""
+    path = spec.boot.loader
+    if path is None:
+        return []
+    if (text := _path_problem(path, "file")) is not None:
+        return [Problem(("boot", "loader"), text)]
+    data = Path(path).read_bytes()
+    if data[:2] != b"MZ" or b"#### LoaderInfo: systemd-boot " not in data:
+        return [Problem(("boot", "loader"), f"{_shown(path)} is not a systemd-boot EFI binary "
+                        "(allowed: a systemd-bootx64.efi, signed or not)")]
+    return []
+
+
+def _registry_source(spec: Spec) -> list[Problem]:
+    """An `oci://` source: a registry host and a repository name the distribution API takes
+    (no tag: the machine picks the newest version among the tags), and a key to check the
+    versions with: nothing a registry serves is trusted without the owner's signature."""
+    source = spec.update.source
+    if not source or not is_oci(source):
+        return []
+    out = []
+    try:
+        parse_source(source)
+    except ValueError as err:
+        out.append(Problem(("update", "source"), str(err)))
+    if spec.signing.openpgp_key is None:
+        out.append(Problem(
+            ("signing", "openpgp_key"),
+            "missing: required with an oci:// update source (the machine accepts a version "
+            "from a registry only with SHA256SUMS signed by this key)",
+            "`particle genkey` writes one; add its openpgp_key line to [signing]",
+        ))
+    return out
+
+
 # --- version and names ------------------------------------------------------------------------
 
 
@@ -189,14 +232,17 @@ def _version(spec: Spec, version: str | None) -> list[Problem]:
 
 def _sizes(spec: Spec) -> list[Problem]:
     img = spec.image
+    root_min = ROOT_MIN + (LUKS2_HEADER if img.encrypt != "off" else 0)
+    root_why = "the root partition holds the factory /etc and /var" + (
+        f" and, encrypted, a {format_size(LUKS2_HEADER)} LUKS2 header" if img.encrypt != "off"
+        else "")
     floors = [
         ("esp_size", img.esp_size, ESP_MIN,
          f"the ESP holds two unified kernel images of ~{format_size(UKI_SIZE)} (A and B) and "
          "the boot loader"),
         ("usr_slot_size", img.usr_slot_size, USR_MIN,
          "a /usr slot holds a compressed Debian /usr, ~100 MiB for a minimal image"),
-        ("root_size", img.root_size, ROOT_MIN,
-         "the root partition holds the factory /etc and /var"),
+        ("root_size", img.root_size, root_min, root_why),
     ]
     out = []
     for name, size, floor, why in floors:
@@ -207,4 +253,35 @@ def _sizes(spec: Spec) -> list[Problem]:
                 f"{format_size(floor)})",
                 f"set image.{name} = \"{floor // MiB}M\" or more",
             ))
+    return out
+
+
+# --- encryption -------------------------------------------------------------------------------
+
+
+def _encryption(spec: Spec) -> list[Problem]:
+    img = spec.image
+    out = []
+    key = img.recovery_key
+    if key != "console" and not (key.startswith("/") and "\n" not in key
+                                 and not key.endswith("/") and "/../" not in key + "/"):
+        out.append(Problem(
+            ("image", "recovery_key"),
+            f"bad recovery key destination {key!r} (allowed: \"console\" or an absolute file "
+            "path on the machine)",
+        ))
+    elif key != "console" and img.encrypt == "off":
+        out.append(Problem(
+            ("image", "recovery_key"),
+            "a recovery key is only made for an encrypted root, and image.encrypt is \"off\" "
+            "(allowed: only with encrypt = \"tpm2\")",
+            'set image.encrypt = "tpm2", or remove image.recovery_key',
+        ))
+    if img.encrypt == "tpm2" and spec.system.release == "bookworm":
+        out.append(Problem(
+            ("image", "encrypt"),
+            "an encrypted root needs systemd 257's repart and cryptenroll, which bookworm "
+            "(systemd 252) lacks (allowed with release = \"trixie\")",
+            'set system.release = "trixie", or image.encrypt = "off"',
+        ))
     return out

@@ -96,7 +96,9 @@ def summary_text(spec: Spec) -> str:
     lines += [
         f"  image         {img.layout}, {img.filesystem} ({img.compression})",
         f"                /usr slot {format_size(img.usr_slot_size)}, "
-        f"ESP {format_size(img.esp_size)}, root {format_size(img.root_size)}",
+        f"ESP {format_size(img.esp_size)}, root {format_size(img.root_size)}"
+        + (f" (encrypted, sealed to the TPM2; recovery key: {img.recovery_key})"
+           if img.encrypt == "tpm2" else ""),
     ]
     if spec.signing.key or spec.signing.certificate:
         lines.append(f"  signing       key {spec.signing.key or '-'}")

@@ -7,14 +7,23 @@ check() {
     return 0
 }
 
+# An encrypted root (image.encrypt = "tpm2" puts libtss2 into the tree): systemd-repart creates
+# it at the first boot and systemd-cryptsetup unlocks it with the TPM2 at every boot.
+# (find, not a glob: dracut runs modules with globbing off.)
+particle_tpm2() {
+    [ -n "$(find /usr/lib -maxdepth 2 -name 'libtss2-esys.so.0' -print -quit 2>/dev/null)" ]
+}
+
 depends() {
-    # systemd-repart grows root to fill the disk, creates it when missing, and empties it on a
-    # factory reset (its definition lives in /usr/lib/repart.d of the verity /usr).
-    # (bookworm's images have no systemd-repart: there the root stays as built.)
+    echo systemd
+    # systemd-repart grows root to fill the disk, creates it when missing (encrypted or not),
+    # and empties it on a factory reset (its definition lives in /usr/lib/repart.d of the
+    # verity /usr). bookworm's images have no systemd-repart: there the root stays as built.
     if find_binary systemd-repart >/dev/null 2>&1; then
-        echo systemd systemd-repart
-    else
-        echo systemd
+        echo systemd-repart
+    fi
+    if particle_tpm2; then
+        echo systemd-cryptsetup
     fi
     return 0
 }
@@ -30,7 +39,7 @@ install() {
     inst_multiple chroot sync
     # Root created by systemd-repart (Format=ext4): after `particle install` or a factory reset.
     inst_multiple mkfs.ext4 mke2fs
-    inst_simple /etc/mke2fs.conf
+    [ -e /etc/mke2fs.conf ] && inst_simple /etc/mke2fs.conf
     inst_simple "$moddir/sysroot-after-repart.conf" \
         "$systemdsystemunitdir/sysroot.mount.d/50-particle-repart.conf"
     inst_multiple basename readlink
@@ -47,4 +56,11 @@ install() {
         "$systemdsystemunitdir/emergency.service.d/50-particle-trial.conf"
     inst_simple "$moddir/rescue-trial.conf" \
         "$systemdsystemunitdir/rescue.service.d/50-particle-trial.conf"
+    if particle_tpm2; then
+        # systemd dlopens libtss2 (not seen by ldd-based resolution), cryptsetup's TPM2 token
+        # plugin too (mkfs.ext4 for repart's Format= is installed above for every image).
+        inst_libdir_file "libtss2-esys.so.*" "libtss2-rc.so.*" "libtss2-mu.so.*" \
+            "libtss2-sys.so.*" "libtss2-tcti-device.so.*" "libtss2-tctildr.so.*" \
+            "cryptsetup/libcryptsetup-token-systemd-tpm2.so"
+    fi
 }
