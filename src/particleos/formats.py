@@ -335,3 +335,31 @@ def oci_version_tag(version: str) -> str:
     (the exact version is in the manifest's annotations)."""
     tag = re.sub(r"[^A-Za-z0-9_.-]", "_", version)[:128]
     return tag if re.match(r"^[A-Za-z0-9_]", tag) else f"v{tag}"[:128]
+
+
+def auth_file_credentials(path: Path, keys: list[str]) -> tuple[str, str] | None:
+    """(user, password) for the first of `keys` (registry host spellings) in a containers
+    `auth.json` / docker `config.json` (`auths.KEY.auth` = base64 of `user:password`), the
+    files `particle push` and machines read. None when the file or the entry is missing;
+    ValueError saying why when the file cannot be read or the entry is malformed."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read registry credentials: {err}") from None
+    auths = data.get("auths") if isinstance(data, dict) else None
+    if not isinstance(auths, dict):
+        return None
+    for key in keys:
+        entry = auths.get(key)
+        if isinstance(entry, dict) and isinstance(entry.get("auth"), str):
+            try:
+                raw = binascii.a2b_base64(entry["auth"], strict_mode=True).decode()
+            except (ValueError, UnicodeDecodeError):
+                raw = ""
+            user, sep, password = raw.partition(":")
+            if not sep:
+                raise ValueError(f"{path}: auths.{key}.auth is not base64 of user:password")
+            return user, password
+    return None

@@ -43,6 +43,7 @@ from ..formats import (
     OCI_TITLE,
     OCI_VERSION,
     SHA256SUMS,
+    auth_file_credentials,
     oci_version_tag,
     parse_sha256sums,
     sha256_file,
@@ -139,26 +140,11 @@ def find_credentials(host: str, files: Iterable[Path] = AUTH_FILES) -> Credentia
     keys = [host, f"https://{host}", f"http://{host}"]
     for path in files:
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError) as err:
-            raise MachineError(f"{path}: cannot read registry credentials: {err}") from None
-        auths = data.get("auths") if isinstance(data, dict) else None
-        if not isinstance(auths, dict):
-            continue
-        for key in keys:
-            entry = auths.get(key)
-            if isinstance(entry, dict) and isinstance(entry.get("auth"), str):
-                try:
-                    raw = base64.b64decode(entry["auth"], validate=True).decode()
-                except (ValueError, UnicodeDecodeError):
-                    raw = ""
-                user, sep, password = raw.partition(":")
-                if not sep:
-                    raise MachineError(f"{path}: auths.{key}.auth is not base64 of "
-                                       "user:password")
-                return Credentials(user, password, str(path))
+            found = auth_file_credentials(path, keys)
+        except ValueError as err:
+            raise MachineError(str(err)) from None
+        if found is not None:
+            return Credentials(found[0], found[1], str(path))
     return None
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Final
 
 from ..errors import ParticleError
+from ..formats import auth_file_credentials
 
 MANIFEST_V1: Final = "application/vnd.oci.image.manifest.v1+json"
 INDEX_V1: Final = "application/vnd.oci.image.index.v1+json"
@@ -110,24 +111,11 @@ def find_credentials(registry: str, files: list[Path] | None = None) -> Credenti
         keys += ["https://index.docker.io/v1/", "index.docker.io"]
     for path in files if files is not None else auth_files():
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError) as err:
-            raise ParticleError(f"{path}: cannot read registry credentials: {err}") from err
-        auths = data.get("auths") if isinstance(data, dict) else None
-        if not isinstance(auths, dict):
-            continue
-        for key in keys:
-            entry = auths.get(key)
-            if isinstance(entry, dict) and isinstance(entry.get("auth"), str):
-                try:
-                    user, sep, password = base64.b64decode(entry["auth"]).decode().partition(":")
-                except (ValueError, UnicodeDecodeError):
-                    sep = ""
-                if not sep:
-                    raise ParticleError(f"{path}: auths.{key}.auth is not base64 of user:password")
-                return Credentials(user, password, str(path))
+            found = auth_file_credentials(path, keys)
+        except ValueError as err:
+            raise ParticleError(str(err)) from err
+        if found is not None:
+            return Credentials(found[0], found[1], str(path))
     return None
 
 
