@@ -15,6 +15,7 @@ import json
 import os
 import re
 import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,3 +251,292 @@ def build_manifests(build_dir: Path) -> list[tuple[Path, Manifest]]:
         except (OSError, ValueError):
             continue
     return found
+
+
+# --- the chunk store (delta updates) ----------------------------------------------------------
+#
+# Next to SHA256SUMS in a publish directory:
+#   chunks/<first 4 hex>/<sha256 hex of the uncompressed chunk>.zz   zlib-compressed chunk
+#   <published file>.chunks                                           its ChunkIndex (JSON)
+# The index is listed in SHA256SUMS, so it is signed with the rest; a chunk is trusted because
+# the signed index names its digest. A machine rebuilds a file from the chunks it already has
+# (the running slot, with the running version's index as its map) and fetches only the others.
+
+CHUNKS_DIR: Final = "chunks"
+CHUNK_SUFFIX: Final = ".zz"
+CHUNK_INDEX_SUFFIX: Final = ".chunks"
+CHUNK_INDEX_FORMAT: Final = 1
+CHUNK_ZLIB_LEVEL: Final = 6
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+# Content-defined chunking: a rolling sum over the last CDC_WINDOW bytes of a fixed random table
+# (mod 2**32) cuts where its low bits are zero; FastCDC's normalisation (a stricter mask below
+# the average size, a looser one above) keeps sizes near the average. A cut depends only on the
+# bytes before it, so an insertion moves the cuts near it and no others.
+CDC_NAME: Final = "particle-cdc-1"
+CDC_WINDOW: Final = 64
+CDC_DEFAULT: Final[dict[str, Any]] = {
+    "name": CDC_NAME, "window": CDC_WINDOW, "min": 16 << 10, "avg": 64 << 10, "max": 256 << 10,
+    "normalization": 1,
+}
+CDC_TABLE: Final = tuple(
+    int.from_bytes(hashlib.sha256(b"particleos-cdc" + bytes([i])).digest()[:4], "little")
+    for i in range(256)
+)
+
+
+class ChunkError(ValueError):
+    """A chunk index or chunk that is malformed or does not match its digest."""
+
+
+def chunk_relpath(digest: str) -> str:
+    """Where a chunk lies below the publish directory (also its URL path there)."""
+    return f"{CHUNKS_DIR}/{digest[:4]}/{digest}{CHUNK_SUFFIX}"
+
+
+def chunk_path(store_root: Path, digest: str) -> Path:
+    """A chunk's file in the publish directory `store_root`."""
+    return store_root / chunk_relpath(digest)
+
+
+def chunk_index_name(file: str) -> str:
+    """The index's name for a published file: `F.chunks`."""
+    return file + CHUNK_INDEX_SUFFIX
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """A chunk as stored (zlib: in python3-minimal, and erofs content is compressed already)."""
+    return zlib.compress(data, CHUNK_ZLIB_LEVEL)
+
+
+def decode_chunk(stored: bytes, digest: str, size: int) -> bytes:
+    """The chunk from its stored bytes, checked against the digest and size its index gives."""
+    try:
+        d = zlib.decompressobj()
+        data = d.decompress(stored, size + 1)
+        if not d.eof or d.unused_data or len(data) != size:
+            raise ChunkError(f"chunk {digest}: not a {size}-byte zlib stream")
+    except zlib.error as e:
+        raise ChunkError(f"chunk {digest}: {e}") from None
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ChunkError(f"chunk {digest}: digest mismatch")
+    return data
+
+
+def cdc_masks(params: dict[str, Any]) -> tuple[int, int]:
+    """(strict, loose) masks: strict below the average size, loose above."""
+    bits = int(params["avg"]).bit_length() - 1
+    nl = int(params.get("normalization", 1))
+    return (1 << (bits + nl)) - 1, (1 << (bits - nl)) - 1
+
+
+def check_cdc_params(params: dict[str, Any]) -> None:
+    """Parameters this code can cut with (raises ChunkError otherwise)."""
+    try:
+        lo, avg, hi = int(params["min"]), int(params["avg"]), int(params["max"])
+        window, nl = int(params["window"]), int(params.get("normalization", 1))
+        name = params["name"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ChunkError(f"chunker parameters {params!r}: {e}") from None
+    if name != CDC_NAME or window != CDC_WINDOW:
+        raise ChunkError(f"unknown chunker {name!r} (window {window}); this side has {CDC_NAME}")
+    if not (window <= lo < avg < hi) or avg & (avg - 1) or not 0 <= nl < avg.bit_length() - 1:
+        raise ChunkError(f"chunker parameters {params!r}: need window <= min < avg < max, "
+                         "avg a power of two")
+
+
+def cdc_next_cut(data: bytes | memoryview, start: int, params: dict[str, Any]) -> int:
+    """Reference chunker (pure Python, slow: ~10 MiB/s): the end of the chunk that begins at
+    `start`. The host's vectorised chunker (particleos.store.chunker) cuts identically; this
+    one lets a machine chunk a seed that has no index."""
+    n = len(data)
+    lo, avg, hi = int(params["min"]), int(params["avg"]), int(params["max"])
+    if n - start <= lo:
+        return n
+    strict, loose = cdc_masks(params)
+    table, w = CDC_TABLE, CDC_WINDOW
+    i = start + lo - 1  # the last byte of a minimal chunk
+    h = sum(table[b] for b in data[i - w + 1 : i + 1]) & 0xFFFFFFFF
+    mid, end = min(start + avg - 1, n), min(start + hi, n) - 1
+    while i < end:
+        if not h & (strict if i < mid else loose):
+            return i + 1
+        i += 1
+        h = (h + table[data[i]] - table[data[i - w]]) & 0xFFFFFFFF
+    return end + 1
+
+
+def cdc_cuts(data: bytes | memoryview, params: dict[str, Any] | None = None) -> list[int]:
+    """Chunk lengths of `data` by the reference chunker."""
+    params = params or CDC_DEFAULT
+    sizes, start = [], 0
+    while start < len(data):
+        end = cdc_next_cut(data, start, params)
+        sizes.append(end - start)
+        start = end
+    return sizes
+
+
+@dataclass
+class ChunkIndex:
+    """`F.chunks`: a published file as chunks in file order (offsets are the running sum).
+    `chunks` holds [sha256 hex of the chunk, its size, its stored (compressed) size]: the
+    stored size lets a machine say what it will download before it fetches anything."""
+
+    file: str
+    size: int
+    sha256: str
+    chunker: dict[str, Any]
+    chunks: list[tuple[str, int, int]]
+    format: int = CHUNK_INDEX_FORMAT
+
+    def to_bytes(self) -> bytes:
+        self.validate()
+        data = {"format": self.format, "file": self.file, "size": self.size,
+                "sha256": self.sha256, "chunker": self.chunker,
+                "chunks": [list(c) for c in self.chunks]}
+        return (json.dumps(data, sort_keys=True, separators=(",", ":")) + "\n").encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> ChunkIndex:
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ChunkError(f"chunk index: not JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ChunkError("chunk index: not a JSON object")
+        if data.get("format") != CHUNK_INDEX_FORMAT:
+            raise ChunkError(f"chunk index: format {data.get('format')!r} "
+                             f"(this side reads {CHUNK_INDEX_FORMAT})")
+        try:
+            chunks = [(str(c[0]), int(c[1]), int(c[2])) for c in data["chunks"]]
+            index = cls(file=str(data["file"]), size=int(data["size"]),
+                        sha256=str(data["sha256"]), chunker=dict(data["chunker"]),
+                        chunks=chunks)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ChunkError(f"chunk index: malformed ({e!r})") from None
+        index.validate()
+        return index
+
+    @classmethod
+    def read(cls, path: Path) -> ChunkIndex:
+        return cls.from_bytes(path.read_bytes())
+
+    def validate(self) -> None:
+        if not self.file or "/" in self.file:
+            raise ChunkError(f"chunk index: bad file name {self.file!r}")
+        if not _HEX64.match(self.sha256):
+            raise ChunkError(f"chunk index of {self.file}: bad sha256 {self.sha256!r}")
+        for digest, size, stored in self.chunks:
+            if not _HEX64.match(digest):
+                raise ChunkError(f"chunk index of {self.file}: bad chunk digest {digest!r}")
+            if size <= 0 or stored <= 0:
+                raise ChunkError(f"chunk index of {self.file}: chunk {digest} has size {size}"
+                                 f" (stored {stored})")
+        total = sum(c[1] for c in self.chunks)
+        if total != self.size:
+            raise ChunkError(f"chunk index of {self.file}: chunks add up to {total} bytes, "
+                             f"the file has {self.size}")
+
+    def offsets(self) -> list[tuple[str, int, int]]:
+        """(digest, offset, size) of every chunk, in file order."""
+        out, off = [], 0
+        for digest, size, _ in self.chunks:
+            out.append((digest, off, size))
+            off += size
+        return out
+
+    def digests(self) -> set[str]:
+        return {c[0] for c in self.chunks}
+
+    def stored_sizes(self) -> dict[str, int]:
+        return {c[0]: c[2] for c in self.chunks}
+
+
+@dataclass
+class Seed:
+    """A local file whose chunks may be reused (a usr slot, a UKI), with the index of the
+    version it holds: chunk offsets come from the index, each chunk read is checked."""
+
+    path: Path
+    index: ChunkIndex
+
+
+@dataclass
+class DeltaPlan:
+    """What rebuilding a file takes: chunks found in seeds, chunks to download."""
+
+    seeded: dict[str, tuple[int, int]]  # digest -> (seed number, offset)
+    missing: dict[str, int]  # digest -> stored size, each once
+    file_size: int
+
+    @property
+    def download_bytes(self) -> int:
+        return sum(self.missing.values())
+
+
+def plan_delta(index: ChunkIndex, seeds: list[Seed]) -> DeltaPlan:
+    """Which chunks of `index` the seeds have (by their indexes) and which must be fetched."""
+    have: dict[str, tuple[int, int]] = {}
+    for n, seed in enumerate(seeds):
+        for digest, offset, _ in seed.index.offsets():
+            have.setdefault(digest, (n, offset))
+    seeded, missing = {}, {}
+    for digest, _, stored in index.chunks:
+        if digest in have:
+            seeded[digest] = have[digest]
+        else:
+            missing[digest] = stored
+    return DeltaPlan(seeded, missing, index.size)
+
+
+@dataclass
+class ReconstructStats:
+    chunks: int = 0
+    seeded_bytes: int = 0  # taken from local seeds
+    fetched_chunks: int = 0
+    fetched_bytes: int = 0  # downloaded (stored, compressed) bytes
+
+
+def reconstruct(index: ChunkIndex, out: Any, seeds: list[Seed],
+                fetch: Callable[[str], bytes],
+                progress: Callable[[ReconstructStats], None] | None = None) -> ReconstructStats:
+    """Write the file `index` describes to the binary file object `out`, sequentially: chunks
+    from the seeds where their bytes match, the rest through `fetch(digest) -> stored bytes`
+    (e.g. an HTTP GET of chunk_relpath(digest)). Every chunk is checked, then the whole file's
+    sha256; a mismatch raises ChunkError (the caller falls back to the full download)."""
+    plan = plan_delta(index, seeds)
+    fds = [os.open(s.path, os.O_RDONLY | os.O_CLOEXEC) for s in seeds]
+    repeats: dict[str, int] = {}
+    for digest, _, _ in index.chunks:
+        repeats[digest] = repeats.get(digest, 0) + 1
+    kept: dict[str, bytes] = {}  # fetched chunks that occur again later
+    stats = ReconstructStats()
+    whole = hashlib.sha256()
+    try:
+        for digest, size, _ in index.chunks:
+            data = kept.get(digest)
+            if data is None and digest in plan.seeded:
+                n, offset = plan.seeded[digest]
+                raw = os.pread(fds[n], size, offset)
+                if len(raw) == size and hashlib.sha256(raw).hexdigest() == digest:
+                    data = raw
+                    stats.seeded_bytes += size
+            if data is None:
+                stored = fetch(digest)
+                data = decode_chunk(stored, digest, size)
+                stats.fetched_chunks += 1
+                stats.fetched_bytes += len(stored)
+                if repeats[digest] > 1:
+                    kept[digest] = data
+            out.write(data)
+            whole.update(data)
+            stats.chunks += 1
+            if progress is not None:
+                progress(stats)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if whole.hexdigest() != index.sha256:
+        raise ChunkError(f"{index.file}: reassembled file does not match its sha256")
+    return stats
