@@ -104,6 +104,8 @@ def extra_packages(spec: Spec) -> list[str]:
     wanted: list[str] = []
     if spec.signing.openpgp_key and spec.update.source:
         wanted.append("gpg")  # systemd-pull checks SHA256SUMS.gpg with it (Verify=yes)
+    if spec.update.source:
+        wanted.append("curl")  # `particle update` fetches chunks of delta updates with it
     for p in spec.packages.install:
         if p not in base and p not in wanted:
             wanted.append(p)
