@@ -552,7 +552,7 @@ def stage(o: Offer, source: Source, held: list[Held], say: Say) -> Staged:
     """Rebuild every part of the offered version in INCOMING from seeds and the store (parts
     without an index, the small ones, are fetched whole), each checked against SHA256SUMS."""
     work = INCOMING / ".work"
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
     indexes = target_indexes(o, source, work)
     if not indexes:
         raise DeltaError(f"the source has no chunk store for {o.version}")
