@@ -94,6 +94,7 @@ def fetch(source: Source, items: list[tuple[str, Path]], work: Path) -> None:
     config.write_text(curl_config((source.url(n), p) for n, p in items))
     argv = ["curl", "--parallel", "--parallel-max", str(PARALLEL), "--fail", "--silent",
             "--show-error", "--location", "--retry", "2", "--connect-timeout", "30",
+            "--speed-limit", "1024", "--speed-time", "120",
             "--config", str(config)]
     try:
         proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -373,7 +374,9 @@ def store_fetcher(source: Source, work: Path, say: Say,
                 try:
                     data = decode_chunk(raw, digest, size)
                 except ChunkError as err:
-                    raise DeltaError(f"the store's {err}") from None
+                    why = str(err).split(": ", 1)[-1]
+                    raise DeltaError(f"chunk {digest[:12]}... from the store is corrupt "
+                                     f"({why})") from None
                 yield digest, data
             say(f"fetched {mib(got)} of {mib(total)}")
             batch = []
