@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +249,7 @@ def install_by_delta(running: str) -> bool:
             print(f"no chunk store at {source.base} for {o.version}: downloading it whole",
                   flush=True)
             return False
+        started = time.monotonic()
         staged = delta.stage(o, source, _held(image_id), lambda m: print(m, flush=True))
     except delta.DeltaError as err:
         print(f"delta update not possible: {err}; falling back to the full download",
@@ -256,7 +258,8 @@ def install_by_delta(running: str) -> bool:
         return False
     share = 100 * staged.fetched / staged.full if staged.full else 0
     print(f"rebuilt {staged.version} from chunks: downloaded {delta.mib(staged.fetched)} of "
-          f"{delta.mib(staged.full)} ({share:.1f} %); installing", flush=True)
+          f"{delta.mib(staged.full)} ({share:.1f} %) in {time.monotonic() - started:.0f} s; "
+          "installing", flush=True)
     try:
         install_local()
     except MachineError as err:
