@@ -234,6 +234,18 @@ def test_stage_rebuilds_a_version_in_incoming_and_keeps_its_indexes(
     assert list(delta.KEPT.iterdir()) == []
 
 
+def test_kept_files_are_pruned_by_their_exact_version(machine_dirs: Path) -> None:
+    uuid = "0123abcd-0123-4567-89ab-0123456789ab"
+    names = [f"{ID}_2.0.1_{uuid}.usr.raw.chunks", f"{ID}_2.0.1.efi.chunks",
+             f"{ID}_2.0.1_{uuid}.usr-verity.raw.chunks", f"{ID}_2.0.1.manifest.json",
+             f"{ID}_2.0.12.efi.chunks", f"{ID}_2.0.2.manifest.json", f"{ID}_2.0.2.efi.chunks"]
+    for n in names:
+        delta.keep_file(n, b"{}")
+    delta.prune_kept({"2.0.2", "2.0.3"}, ID)
+    assert sorted(p.name for p in delta.KEPT.iterdir()) == [f"{ID}_2.0.2.efi.chunks",
+                                                            f"{ID}_2.0.2.manifest.json"]
+
+
 @pytest.mark.skipif(shutil.which("gpg") is None, reason="gnupg not installed")
 @needs_curl
 def test_the_index_signature_is_checked_against_the_machine_keyring(

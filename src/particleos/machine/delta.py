@@ -407,9 +407,11 @@ def keep_file(name: str, data: bytes) -> None:
 
 def prune_kept(versions_here: set[str], image_id: str) -> None:
     """Drop the kept files of versions no longer on this machine."""
+    pattern = re.compile(rf"^{re.escape(image_id)}_([A-Za-z0-9.~^-]+?)(?:_[0-9a-f-]{{36}})?"
+                         r"(?:\.usr-verity-sig\.raw|\.usr-verity\.raw|\.usr\.raw|\.efi)?"
+                         r"(?:\.chunks|\.manifest\.json)$")
     for path in KEPT.iterdir() if KEPT.is_dir() else []:
-        m = re.match(rf"^{re.escape(image_id)}_([A-Za-z0-9.~^-]+?)(?:_[0-9a-f-]{{36}})?\.",
-                     path.name)
+        m = pattern.match(path.name)
         if path.name.startswith(".") or (m and m.group(1) not in versions_here):
             with contextlib.suppress(OSError):
                 path.unlink()

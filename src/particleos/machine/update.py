@@ -213,6 +213,11 @@ def _held(image_id: str) -> list[delta.Held]:
     held = [delta.Held(f"{image_id}_{s.version}_{s.usr.uuid}.usr.raw",
                        gpt.partition_device(disk, s.usr.number), f"slot {s.name} ({s.version})")
             for s in slots if s.version]
+    # The hash trees too: leaf hashes of /usr blocks that did not change stay the same.
+    held += [delta.Held(f"{image_id}_{s.version}_{s.verity.uuid}.usr-verity.raw",
+                        gpt.partition_device(disk, s.verity.number),
+                        f"hash tree {s.name} ({s.version})")
+             for s in slots if s.version and s.verity is not None]
     _, found = _entries()
     held += [delta.Held(f"{image_id}_{e.version}.efi", str(e.path), f"UKI {e.version}")
              for e in found]
