@@ -19,6 +19,7 @@ import pytest
 from particleos.errors import ParticleError
 from particleos.formats import (
     CDC_DEFAULT,
+    CDC_FILESYSTEM,
     ChunkError,
     ChunkIndex,
     Seed,
@@ -52,6 +53,7 @@ def test_cuts_are_content_defined_and_match_the_reference() -> None:
     base = data(1, 3 * MiB)
     # The compiled chunker and the plain-Python one a machine could use cut identically.
     assert cut_sizes(base) == cdc_cuts(base)
+    assert cut_sizes(base[:MiB], CDC_FILESYSTEM) == cdc_cuts(base[:MiB], CDC_FILESYSTEM)
     sizes = cut_sizes(base)
     assert sum(sizes) == len(base)
     assert all(CDC_DEFAULT["min"] <= s <= CDC_DEFAULT["max"] for s in sizes[:-1])
@@ -214,6 +216,11 @@ def test_publish_stores_chunks_and_gc_keeps_what_kept_versions_need(tmp_path: Pa
             out = io.BytesIO()
             reconstruct(index, out, [], lambda d: chunk_path(srv, d).read_bytes())
             assert out.getvalue() == (srv / index.file).read_bytes()
+    # File system images are cut finer than the UKI.
+    sums = read_sha256sums(srv / "SHA256SUMS")
+    usr_index = next(n for n in sums if n.endswith(".usr.raw.chunks"))
+    assert ChunkIndex.read(srv / usr_index).chunker == CDC_FILESYSTEM
+    assert ChunkIndex.read(srv / "demo_3.efi.chunks").chunker == CDC_DEFAULT
     d = delta(srv, ID, "2", "3")
     assert d.chunk_bytes < d.full_bytes * 0.1 and d.delta_bytes > d.chunk_bytes
 

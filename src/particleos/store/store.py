@@ -21,6 +21,7 @@ from typing import Any
 from ..errors import ParticleError
 from ..formats import (
     CDC_DEFAULT,
+    CDC_FILESYSTEM,
     CHUNK_INDEX_SUFFIX,
     CHUNK_SUFFIX,
     CHUNKS_DIR,
@@ -32,6 +33,14 @@ from ..formats import (
 from .chunker import chunks
 
 IN_FLIGHT = 64  # chunks being compressed at once (bounds memory: 64 x max chunk size)
+
+
+def params_for(name: str) -> dict[str, Any]:
+    """Chunker parameters by published file: small chunks for file system images (the usr
+    image, extension images), the default for the UKI and the verity tree."""
+    if name.endswith((".efi", ".usr-verity.raw", ".usr-verity-sig.raw")):
+        return dict(CDC_DEFAULT)
+    return dict(CDC_FILESYSTEM)
 
 
 @dataclass
@@ -72,8 +81,9 @@ def _fsync_dir(path: Path) -> None:
 def put_file(store_root: Path, source: Path, name: str, *, params: dict[str, Any] | None = None,
              threads: int | None = None) -> tuple[ChunkIndex, PutStats]:
     """Cut `source` into chunks, store the chunks the store lacks, and return the index of the
-    file published as `name` (not yet written: the caller writes it once this returns)."""
-    params = dict(params or CDC_DEFAULT)
+    file published as `name` (not yet written: the caller writes it once this returns).
+    `params` defaults to params_for(name)."""
+    params = dict(params or params_for(name))
     started = time.monotonic()
     stats = PutStats(name)
     whole = hashlib.sha256()
