@@ -311,3 +311,19 @@ def test_killed_publish_leaves_a_consistent_store(tmp_path: Path, repo: Path) ->
     assert stored_chunks(srv) == listed_chunks(srv)
     assert not [p for p in srv.rglob("*") if ".tmp-" in p.name]
     assert "demo_2.efi.chunks" in read_sha256sums(srv / "SHA256SUMS")
+
+
+def test_a_chunk_repeated_within_a_file_is_stored_once(tmp_path: Path) -> None:
+    # The same MiB at the start and after 3 MiB (more chunks than are compressed at once).
+    block = data(10, MiB)
+    blob = block + data(11, 3 * MiB) + block + b"\0" * MiB
+    (tmp_path / "f.raw").write_bytes(blob)
+    index, stats = put_file(tmp_path / "srv", tmp_path / "f.raw", "f.raw")
+    assert stats.new_chunks == len(index.digests()) < len(index.chunks)
+    assert stored_chunks(tmp_path / "srv") == index.digests()
+    assert stats.new_stored_bytes == sum(chunk_path(tmp_path / "srv", d).stat().st_size
+                                         for d in index.digests())
+    out = io.BytesIO()
+    reconstruct(index, out, [], lambda d: chunk_path(tmp_path / "srv", d).read_bytes())
+    assert out.getvalue() == blob
+    assert not [p for p in (tmp_path / "srv").rglob("*") if ".tmp-" in p.name]
