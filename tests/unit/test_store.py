@@ -37,6 +37,8 @@ from particleos.store.delta import delta
 from particleos.store.store import put_file
 from particleos.update import publish as pub
 
+from .conftest import Run
+
 ID = "demo"
 MiB = 1 << 20
 
@@ -327,3 +329,16 @@ def test_a_chunk_repeated_within_a_file_is_stored_once(tmp_path: Path) -> None:
     reconstruct(index, out, [], lambda d: chunk_path(tmp_path / "srv", d).read_bytes())
     assert out.getvalue() == blob
     assert not [p for p in (tmp_path / "srv").rglob("*") if ".tmp-" in p.name]
+
+
+def test_publish_cli_prints_the_delta_from_the_previous_version(tmp_path: Path, run: Run
+                                                                ) -> None:
+    srv = tmp_path / "srv"
+    pub.publish(fake_build(tmp_path / "b1", "1", version_usr(1), UKI), srv)
+    code, out, _ = run("publish", str(fake_build(tmp_path / "b2", "2", version_usr(2), UKI)),
+                       str(srv))
+    assert code == 0, out
+    d = delta(srv, ID, "1", "2")
+    assert "chunks: " in out and "delta from 1: " in out
+    percent = float(out.split("delta from 1: ")[1].split("(")[1].split(" %")[0])
+    assert percent == round(100 * d.ratio, 1) and percent < 20
