@@ -221,6 +221,14 @@ def publish(build_dir: Path, update_dir: Path, keep: int | None, version: str | 
         secs = sum(s.seconds for s in result.chunked)
         click.echo(f"  chunks: {n} ({new} new, {_human(added)} added to the store; "
                    f"{size / max(secs, 1e-6) / 2**20:.0f} MiB/s)")
+        older = result.versions[: result.versions.index(result.version)] \
+            if result.version in result.versions else []
+        if older:
+            from .store.delta import delta
+
+            d = delta(update_dir, result.image_id, older[-1], result.version)
+            click.echo(f"  delta from {older[-1]}: {_human(d.delta_bytes)} "
+                       f"({100 * d.ratio:.1f} % of the full update)")
     if result.gc is not None and result.gc.removed:
         click.echo(f"  chunks removed: {result.gc.removed} ({_human(result.gc.removed_bytes)})")
     if result.removed_versions:

@@ -279,6 +279,12 @@ CDC_NAME: Final = "fastcdc-2016"
 CDC_DEFAULT: Final[dict[str, Any]] = {
     "name": CDC_NAME, "min": 16 << 10, "avg": 64 << 10, "max": 256 << 10,
 }
+# File system images (usr, extensions): a package added moves block addresses in inodes all
+# over the image, and each such change costs the whole chunk around it; smaller chunks cut
+# the v1 -> v1 + htop delta of the usr image from 7.0 to 2.7 MiB (README, *The chunk store*).
+CDC_FILESYSTEM: Final[dict[str, Any]] = {
+    "name": CDC_NAME, "min": 4 << 10, "avg": 16 << 10, "max": 64 << 10,
+}
 _GEAR_HEX: Final = (
     "5c95c078224089892d48a21412842087530f8afb474536b92963b4f144cb738b4ea7403d4d606b6e074ec5d3"
     "3af39d18726003ca37a62a7451a2f58e7506358e5d4ab1284d4ae17b41e85924470c36f74741cbe101bb7f30"

@@ -19,6 +19,7 @@ import pytest
 from particleos.errors import ParticleError
 from particleos.formats import (
     CDC_DEFAULT,
+    CDC_FILESYSTEM,
     ChunkError,
     ChunkIndex,
     Seed,
@@ -36,6 +37,8 @@ from particleos.store.delta import delta
 from particleos.store.store import put_file
 from particleos.update import publish as pub
 
+from .conftest import Run
+
 ID = "demo"
 MiB = 1 << 20
 
@@ -52,6 +55,7 @@ def test_cuts_are_content_defined_and_match_the_reference() -> None:
     base = data(1, 3 * MiB)
     # The compiled chunker and the plain-Python one a machine could use cut identically.
     assert cut_sizes(base) == cdc_cuts(base)
+    assert cut_sizes(base[:MiB], CDC_FILESYSTEM) == cdc_cuts(base[:MiB], CDC_FILESYSTEM)
     sizes = cut_sizes(base)
     assert sum(sizes) == len(base)
     assert all(CDC_DEFAULT["min"] <= s <= CDC_DEFAULT["max"] for s in sizes[:-1])
@@ -214,6 +218,11 @@ def test_publish_stores_chunks_and_gc_keeps_what_kept_versions_need(tmp_path: Pa
             out = io.BytesIO()
             reconstruct(index, out, [], lambda d: chunk_path(srv, d).read_bytes())
             assert out.getvalue() == (srv / index.file).read_bytes()
+    # File system images are cut finer than the UKI.
+    sums = read_sha256sums(srv / "SHA256SUMS")
+    usr_index = next(n for n in sums if n.endswith(".usr.raw.chunks"))
+    assert ChunkIndex.read(srv / usr_index).chunker == CDC_FILESYSTEM
+    assert ChunkIndex.read(srv / "demo_3.efi.chunks").chunker == CDC_DEFAULT
     d = delta(srv, ID, "2", "3")
     assert d.chunk_bytes < d.full_bytes * 0.1 and d.delta_bytes > d.chunk_bytes
 
@@ -304,3 +313,32 @@ def test_killed_publish_leaves_a_consistent_store(tmp_path: Path, repo: Path) ->
     assert stored_chunks(srv) == listed_chunks(srv)
     assert not [p for p in srv.rglob("*") if ".tmp-" in p.name]
     assert "demo_2.efi.chunks" in read_sha256sums(srv / "SHA256SUMS")
+
+
+def test_a_chunk_repeated_within_a_file_is_stored_once(tmp_path: Path) -> None:
+    # The same MiB at the start and after 3 MiB (more chunks than are compressed at once).
+    block = data(10, MiB)
+    blob = block + data(11, 3 * MiB) + block + b"\0" * MiB
+    (tmp_path / "f.raw").write_bytes(blob)
+    index, stats = put_file(tmp_path / "srv", tmp_path / "f.raw", "f.raw")
+    assert stats.new_chunks == len(index.digests()) < len(index.chunks)
+    assert stored_chunks(tmp_path / "srv") == index.digests()
+    assert stats.new_stored_bytes == sum(chunk_path(tmp_path / "srv", d).stat().st_size
+                                         for d in index.digests())
+    out = io.BytesIO()
+    reconstruct(index, out, [], lambda d: chunk_path(tmp_path / "srv", d).read_bytes())
+    assert out.getvalue() == blob
+    assert not [p for p in (tmp_path / "srv").rglob("*") if ".tmp-" in p.name]
+
+
+def test_publish_cli_prints_the_delta_from_the_previous_version(tmp_path: Path, run: Run
+                                                                ) -> None:
+    srv = tmp_path / "srv"
+    pub.publish(fake_build(tmp_path / "b1", "1", version_usr(1), UKI), srv)
+    code, out, _ = run("publish", str(fake_build(tmp_path / "b2", "2", version_usr(2), UKI)),
+                       str(srv))
+    assert code == 0, out
+    d = delta(srv, ID, "1", "2")
+    assert "chunks: " in out and "delta from 1: " in out
+    percent = float(out.split("delta from 1: ")[1].split("(")[1].split(" %")[0])
+    assert percent == round(100 * d.ratio, 1) and percent < 20

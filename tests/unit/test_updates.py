@@ -232,6 +232,7 @@ def test_publish_cli(tmp_path: Path, repo: Path) -> None:
          "--keep", "2"], capture_output=True, text=True, check=False, cwd=repo)
     assert proc.returncode == 0, proc.stderr
     assert "published demo 3" in proc.stdout and "versions: 3" in proc.stdout
+    assert "chunks: 3 (3 new, " in proc.stdout  # usr, verity and UKI went into the store
     proc = subprocess.run(
         [sys.executable, "-m", "particleos", "publish", str(tmp_path / "nothing"),
          str(tmp_path / "srv")], capture_output=True, text=True, check=False, cwd=repo)
