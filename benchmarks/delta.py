@@ -22,7 +22,14 @@ import time
 from pathlib import Path
 
 from particleos.builder import build
-from particleos.formats import CHUNK_INDEX_SUFFIX, ChunkIndex, Seed, chunk_path, reconstruct
+from particleos.formats import (
+    CHUNK_INDEX_SUFFIX,
+    ChunkIndex,
+    Seed,
+    chunk_index_target,
+    chunk_path,
+    reconstruct,
+)
 from particleos.spec import load_spec
 from particleos.store.chunker import chunks
 from particleos.store.delta import delta, version_files
@@ -80,7 +87,7 @@ def reconstruct_speed(srv: Path, image_id: str, old: str, new: str, seeded: bool
     """Rebuild every indexed image of `new` (seeds: `old`'s images with their indexes, or
     none), checking each; returns MiB/s and the bytes read from the store."""
     old_names = version_files(srv, image_id, old)
-    seeds = [Seed(srv / n.removesuffix(CHUNK_INDEX_SUFFIX), ChunkIndex.read(srv / n))
+    seeds = [Seed(srv / str(chunk_index_target(n)), ChunkIndex.read(srv / n))
              for n in old_names if n.endswith(CHUNK_INDEX_SUFFIX)] if seeded else []
     total = fetched = 0
     start, cpu = time.monotonic(), time.process_time()

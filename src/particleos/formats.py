@@ -258,13 +258,18 @@ def build_manifests(build_dir: Path) -> list[tuple[Path, Manifest]]:
 #
 # Next to SHA256SUMS in a publish directory:
 #   chunks/<first 4 hex>/<sha256 hex of the uncompressed chunk>.zz   zlib-compressed chunk
-#   <published file>.chunks                                           its ChunkIndex (JSON)
+#   _<published file>.chunks                                          its ChunkIndex (JSON)
+# The leading "_" keeps an index from matching sysupdate's source patterns (`ID_@v.efi`,
+# `ID-NAME_@v.raw`): sysupdate 257 ignores what follows a pattern's last literal, so
+# `ID_V.efi.chunks` was taken for the UKI itself (measured: a full download installed the
+# indexes). Image ids cannot contain "_", so no pattern starts with it.
 # The index is listed in SHA256SUMS, so it is signed with the rest; a chunk is trusted because
 # the signed index names its digest. A machine rebuilds a file from the chunks it already has
 # (the running slot, with the running version's index as its map) and fetches only the others.
 
 CHUNKS_DIR: Final = "chunks"
 CHUNK_SUFFIX: Final = ".zz"
+CHUNK_INDEX_PREFIX: Final = "_"
 CHUNK_INDEX_SUFFIX: Final = ".chunks"
 CHUNK_INDEX_FORMAT: Final = 1
 CHUNK_ZLIB_LEVEL: Final = 6
@@ -329,8 +334,15 @@ def chunk_path(store_root: Path, digest: str) -> Path:
 
 
 def chunk_index_name(file: str) -> str:
-    """The index's name for a published file: `F.chunks`."""
-    return file + CHUNK_INDEX_SUFFIX
+    """The index's name for a published file: `_F.chunks`."""
+    return CHUNK_INDEX_PREFIX + file + CHUNK_INDEX_SUFFIX
+
+
+def chunk_index_target(name: str) -> str | None:
+    """The published file a chunk index name stands for (None: not an index name)."""
+    if name.startswith(CHUNK_INDEX_PREFIX) and name.endswith(CHUNK_INDEX_SUFFIX):
+        return name[len(CHUNK_INDEX_PREFIX) : -len(CHUNK_INDEX_SUFFIX)] or None
+    return None
 
 
 def encode_chunk(data: bytes) -> bytes:

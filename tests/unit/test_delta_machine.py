@@ -148,7 +148,8 @@ def test_every_delta_failure_raises_and_leaves_nothing(
 def test_versions_and_parts_from_sha256sums() -> None:
     uuid = "0123abcd-0123-4567-89ab-0123456789ab"
     names = [f"{ID}_1.0_{uuid}.usr.raw", f"{ID}_1.0_{uuid}.usr-verity.raw", f"{ID}_1.0.efi",
-             f"{ID}_1.0.efi.chunks", f"{ID}_1.0.manifest.json",
+             chunk_index_name(f"{ID}_1.0.efi"), f"{ID}_1.0.efi.chunks",
+             f"{ID}_1.0.manifest.json",
              f"{ID}_1.10_{uuid}.usr.raw", f"{ID}_1.10.efi",  # incomplete: no hash tree
              f"{ID}_1.9_{uuid}.usr.raw", f"{ID}_1.9_{uuid}.usr-verity.raw", f"{ID}_1.9.efi",
              "other_2.0.efi"]
@@ -236,14 +237,15 @@ def test_stage_rebuilds_a_version_in_incoming_and_keeps_its_indexes(
 
 def test_kept_files_are_pruned_by_their_exact_version(machine_dirs: Path) -> None:
     uuid = "0123abcd-0123-4567-89ab-0123456789ab"
-    names = [f"{ID}_2.0.1_{uuid}.usr.raw.chunks", f"{ID}_2.0.1.efi.chunks",
-             f"{ID}_2.0.1_{uuid}.usr-verity.raw.chunks", f"{ID}_2.0.1.manifest.json",
-             f"{ID}_2.0.12.efi.chunks", f"{ID}_2.0.2.manifest.json", f"{ID}_2.0.2.efi.chunks"]
+    names = [chunk_index_name(f"{ID}_2.0.1_{uuid}.usr.raw"), chunk_index_name(f"{ID}_2.0.1.efi"),
+             chunk_index_name(f"{ID}_2.0.1_{uuid}.usr-verity.raw"), f"{ID}_2.0.1.manifest.json",
+             chunk_index_name(f"{ID}_2.0.12.efi"), f"{ID}_2.0.2.manifest.json",
+             chunk_index_name(f"{ID}_2.0.2.efi")]
     for n in names:
         delta.keep_file(n, b"{}")
     delta.prune_kept({"2.0.2", "2.0.3"}, ID)
-    assert sorted(p.name for p in delta.KEPT.iterdir()) == [f"{ID}_2.0.2.efi.chunks",
-                                                            f"{ID}_2.0.2.manifest.json"]
+    assert sorted(p.name for p in delta.KEPT.iterdir()) == sorted(
+        [chunk_index_name(f"{ID}_2.0.2.efi"), f"{ID}_2.0.2.manifest.json"])
 
 
 @pytest.mark.skipif(shutil.which("gpg") is None, reason="gnupg not installed")
@@ -281,7 +283,8 @@ def test_update_falls_back_to_the_full_download_when_the_delta_fails(
     """install_by_delta says why in one line, leaves INCOMING empty and returns False, so
     cmd_update runs sysupdate's own download; a failed install from INCOMING falls back too."""
     o = delta.Offer("2", {".usr.raw": f"{ID}_2_u.usr.raw"},
-                    {f"{ID}_2_u.usr.raw": "0" * 64, f"{ID}_2_u.usr.raw.chunks": "1" * 64})
+                    {f"{ID}_2_u.usr.raw": "0" * 64,
+                     chunk_index_name(f"{ID}_2_u.usr.raw"): "1" * 64})
     monkeypatch.setattr(update, "_delta_setup", lambda: (delta.Source("/nowhere"), ID, False,
                                                          False))
     monkeypatch.setattr(delta, "offer", lambda *a, **k: o)
@@ -313,3 +316,17 @@ def test_update_falls_back_to_the_full_download_when_the_delta_fails(
     assert update.install_by_delta("1") is False
     assert capsys.readouterr().out == (
         "no chunk store at /nowhere for 2: downloading it whole\n")
+
+
+def test_no_chunk_index_matches_a_sysupdate_source_pattern() -> None:
+    """sysupdate 257 ignores what follows a pattern's last literal: an index named
+    `ID_V.efi.chunks` was installed as the UKI by a full download. Patterns start with the
+    image id (literal), which an index name never does."""
+    from particleos.update.transfer import parts, served_name, source_pattern
+
+    uuid = "0123abcd-0123-4567-89ab-0123456789ab"
+    for part in parts(verity_sig=True):
+        index = chunk_index_name(served_name(ID, "2.0", part, uuid))
+        assert not index.startswith(source_pattern(ID, part).split("@")[0]), index
+    assert not chunk_index_name(f"{ID}-devtools_2.0.raw").startswith(f"{ID}-devtools_")
+    assert formats.chunk_index_target(chunk_index_name(f"{ID}_2.0.efi")) == f"{ID}_2.0.efi"

@@ -24,6 +24,7 @@ from particleos.formats import (
     ChunkIndex,
     Seed,
     cdc_cuts,
+    chunk_index_name,
     chunk_path,
     decode_chunk,
     encode_chunk,
@@ -222,7 +223,7 @@ def test_publish_stores_chunks_and_gc_keeps_what_kept_versions_need(tmp_path: Pa
     sums = read_sha256sums(srv / "SHA256SUMS")
     usr_index = next(n for n in sums if n.endswith(".usr.raw.chunks"))
     assert ChunkIndex.read(srv / usr_index).chunker == CDC_FILESYSTEM
-    assert ChunkIndex.read(srv / "demo_3.efi.chunks").chunker == CDC_DEFAULT
+    assert ChunkIndex.read(srv / chunk_index_name("demo_3.efi")).chunker == CDC_DEFAULT
     d = delta(srv, ID, "2", "3")
     assert d.chunk_bytes < d.full_bytes * 0.1 and d.delta_bytes > d.chunk_bytes
 
@@ -312,7 +313,7 @@ def test_killed_publish_leaves_a_consistent_store(tmp_path: Path, repo: Path) ->
     pub.publish(b2, srv)
     assert stored_chunks(srv) == listed_chunks(srv)
     assert not [p for p in srv.rglob("*") if ".tmp-" in p.name]
-    assert "demo_2.efi.chunks" in read_sha256sums(srv / "SHA256SUMS")
+    assert chunk_index_name("demo_2.efi") in read_sha256sums(srv / "SHA256SUMS")
 
 
 def test_a_chunk_repeated_within_a_file_is_stored_once(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from ..formats import (
     ChunkError,
     ChunkIndex,
     chunk_index_name,
+    chunk_index_target,
     chunk_relpath,
     decode_chunk,
     parse_sha256sums,
@@ -408,10 +409,10 @@ def keep_file(name: str, data: bytes) -> None:
 def prune_kept(versions_here: set[str], image_id: str) -> None:
     """Drop the kept files of versions no longer on this machine."""
     pattern = re.compile(rf"^{re.escape(image_id)}_([A-Za-z0-9.~^-]+?)(?:_[0-9a-f-]{{36}})?"
-                         r"(?:\.usr-verity-sig\.raw|\.usr-verity\.raw|\.usr\.raw|\.efi)?"
-                         r"(?:\.chunks|\.manifest\.json)$")
+                         r"(?:\.usr-verity-sig\.raw|\.usr-verity\.raw|\.usr\.raw|\.efi|"
+                         r"\.manifest\.json)$")
     for path in KEPT.iterdir() if KEPT.is_dir() else []:
-        m = pattern.match(path.name)
+        m = pattern.match(chunk_index_target(path.name) or path.name)
         if path.name.startswith(".") or (m and m.group(1) not in versions_here):
             with contextlib.suppress(OSError):
                 path.unlink()

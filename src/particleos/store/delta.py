@@ -9,7 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..formats import CHUNK_INDEX_SUFFIX, SHA256SUMS, ChunkIndex, read_sha256sums
+from ..formats import (
+    CHUNK_INDEX_SUFFIX,
+    SHA256SUMS,
+    ChunkIndex,
+    chunk_index_target,
+    read_sha256sums,
+)
 from ..update.publish import SIGNATURE, version_of
 
 
@@ -50,7 +56,7 @@ def delta(update_dir: Path, image_id: str, old: str, new: str) -> Delta:
     other = size(SHA256SUMS) + (size(SIGNATURE) if (update_dir / SIGNATURE).is_file() else 0)
     other += sum(size(n) for n in old_names if n.endswith(CHUNK_INDEX_SUFFIX))
     full = 0
-    indexed = {n.removesuffix(CHUNK_INDEX_SUFFIX) for n in new_names
+    indexed = {chunk_index_target(n) for n in new_names
                if n.endswith(CHUNK_INDEX_SUFFIX)}
     wanted: dict[str, int] = {}
     for name in new_names:
