@@ -159,6 +159,74 @@ def qemu(image: Path | None, snapshot: bool, timeout: float, expect: str | None,
                       accel=cast(Accel, accel)))
 
 
+@cli.command(context_settings={"ignore_unknown_options": True,
+                               "allow_interspersed_args": False})
+@click.option("--keep", type=click.Path(path_type=Path, file_okay=False), default=None,
+              metavar="DIR", help="Keep the container's root (/etc, /var, ...) in DIR across runs "
+                   "(default: a throwaway root, removed at exit).")
+@click.option("--version", "version", default=None,
+              help="Version to run (default: the newest one in BUILD_DIR).")
+@click.argument("build_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def shell(keep: Path | None, version: str | None, build_dir: Path,
+          command: tuple[str, ...]) -> None:
+    """Run COMMAND (default: a login shell) in a build's system with systemd-nspawn, without
+    booting it: the build's verified /usr read-only, /etc and /var from its factory copies.
+    Exits with COMMAND's exit status."""
+    from .container import shell as run_shell
+
+    sys.exit(run_shell(build_dir, command, keep=keep, version=version))
+
+
+@cli.command()
+@click.argument("build_dir", required=False, type=click.Path(path_type=Path), default="out")
+@click.option("--container", is_flag=True,
+              help="Boot with systemd-nspawn (seconds) instead of QEMU (UEFI, minutes "
+                   "under TCG): the build's verified /usr, a fresh root, private network.")
+@click.option("--expect", metavar="REGEX", default=None,
+              help="Exit 0 once REGEX appears on the console (the container is then shut "
+                   "down), non-zero on timeout or when the system stops first.")
+@click.option("--timeout", type=float, default=600.0, show_default=True,
+              help="Seconds to wait for --expect.")
+@click.option("--keep", type=click.Path(path_type=Path, file_okay=False), default=None,
+              metavar="DIR", help="--container: keep the root's state in DIR across boots.")
+@click.option("--version", "version", default=None,
+              help="--container: version to boot (default: the newest one in BUILD_DIR).")
+@click.option("--json", "as_json", is_flag=True,
+              help="--container: print the result as JSON on stdout (console on stderr).")
+@click.pass_context
+def boot(ctx: click.Context, build_dir: Path, container: bool, expect: str | None,
+         timeout: float, keep: Path | None, version: str | None, as_json: bool) -> None:
+    """Boot a build: `particle qemu BUILD_DIR` (the disk image under UEFI) by default, or
+    with --container its system under systemd-nspawn. The container powers off from inside
+    (`poweroff`), with Ctrl-] three times, or on SIGTERM; a reboot inside starts it again on
+    the same root. It prints when multi-user was reached."""
+    from .container import boot as run_boot
+    from .container import on_terminal
+
+    if not container:
+        for name, value in (("--keep", keep), ("--version", version), ("--json", as_json)):
+            if value:
+                raise ParticleError(f"{name} is an option of `particle boot --container`")
+        ctx.invoke(qemu, image=build_dir, expect=expect, timeout=timeout)
+        return
+    if as_json:
+        ui.quiet = True
+    console = None if ui.quiet and not as_json else (
+        sys.stderr.buffer if as_json else sys.stdout.buffer)
+    result = run_boot(build_dir, keep=keep, version=version, expect=expect, timeout=timeout,
+                      console=console, terminal=not as_json and on_terminal())
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        if result.multi_user_seconds is not None:
+            ui.info(f"particle boot: multi-user reached after {result.multi_user_seconds} s")
+        if result.found_seconds is not None:
+            click.echo(f"particle boot: found {expect!r} after {result.found_seconds} s",
+                       err=True)
+    sys.exit(0 if expect is not None else result.exit_status)
+
+
 @cli.command()
 @click.argument("directory", required=False, type=click.Path(path_type=Path), default="keys")
 @click.option("--name", "common_name", default="ParticleOS owner", show_default=True,

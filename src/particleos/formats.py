@@ -582,3 +582,18 @@ def reconstruct(index: ChunkIndex, out: Any, seeds: list[Seed],
     if whole.hexdigest() != index.sha256:
         raise ChunkError(f"{index.file}: reassembled file does not match its sha256")
     return stats
+
+
+# --- a version as an OCI artifact (written by `particle push`, read by machines) --------------
+
+OCI_ARTIFACT_TYPE: Final = "application/vnd.particleos.version.v1"
+OCI_TITLE: Final = "org.opencontainers.image.title"  # a layer's served file name
+OCI_VERSION: Final = "org.opencontainers.image.version"  # the exact version (tags cannot hold ~)
+OCI_ID: Final = "org.particleos.id"
+
+
+def oci_version_tag(version: str) -> str:
+    """The tag of a version: tags allow [A-Za-z0-9_.-] only, so `2.0~rc1` is tagged `2.0_rc1`
+    (the exact version is in the manifest's annotations)."""
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "_", version)[:128]
+    return tag if re.match(r"^[A-Za-z0-9_]", tag) else f"v{tag}"[:128]

@@ -31,10 +31,14 @@ PACKAGE_OF = {
     "qemu-system-x86_64": "qemu-system-x86",
     "qemu-img": "qemu-utils",
     "unshare": "util-linux",
+    "setpriv": "util-linux",
     "chroot": "coreutils",
     "systemctl": "systemd",
     "gpg": "gnupg",
     "gpgv": "gnupg",
+    "systemd-nspawn": "systemd-container",
+    "losetup": "mount",
+    "mount": "mount",
 }
 
 
@@ -114,6 +118,43 @@ def stop_group(popen: subprocess.Popen[bytes], grace: float = 15.0) -> None:
                 os.killpg(popen.pid, signal.SIGKILL)
         break
     popen.wait()
+
+
+def spawn(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    foreground: bool = False,
+    stdin: int | None = None,
+    stdout: int | None = None,
+    stderr: int | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a long-running program the caller watches and ends with stop() (a container and
+    its console). `stdin`/`stdout`/`stderr` as subprocess takes them (None: ours). With
+    `foreground` it stays in our process group, so that it may own the terminal (read it, put
+    it in raw mode); otherwise it gets its own group, as run() does."""
+    args = [os.fspath(a) for a in argv]
+    require(args[0])
+    ui.debug(f"$ {shlex.join(args)}")
+    return subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr,
+                            process_group=None if foreground else 0)
+
+
+def stop(popen: subprocess.Popen[bytes], grace: float = 15.0) -> int:
+    """End a spawned program in order: SIGTERM to it alone (systemd-nspawn then shuts its
+    container down cleanly), SIGKILL after `grace` seconds (to its whole process group when it
+    has its own). Waits for it and returns its exit status."""
+    if popen.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            popen.send_signal(signal.SIGTERM)
+        try:
+            popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                if os.getpgid(popen.pid) == popen.pid:
+                    os.killpg(popen.pid, signal.SIGKILL)
+                else:
+                    popen.kill()
+    return popen.wait()
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ from ..errors import ParticleError
 from ..spec import Spec
 from ..tools import run_in_root
 from ..ui import ui
+from ..update.transfer import is_oci
 from .context import BuildContext
 
 # What every image needs, whatever the spec says: systemd as init with the pieces that boot
@@ -54,6 +55,7 @@ BASE_PACKAGES = (
     "e2fsprogs",
     "python3-minimal",
     "passwd",
+    "curl",  # the machine's HTTP client (registry updates, deltas): python3-minimal has none
 )
 # bookworm (systemd 252) ships repart and the cryptsetup/veritysetup generators inside the
 # systemd package itself.
@@ -102,7 +104,12 @@ def extra_packages(spec: Spec) -> list[str]:
     """Layer 2's packages: the spec's own (and gpg when updates are OpenPGP-verified)."""
     base = set(base_packages(spec))
     wanted: list[str] = []
-    if spec.signing.openpgp_key and spec.update.source:
+    source = spec.update.source or ""
+    if is_oci(source):
+        wanted.append("gpgv")  # `particle update` checks the registry's SHA256SUMS.gpg
+        if source.startswith("oci://"):
+            wanted.append("ca-certificates")  # curl's https (a Recommends, not installed)
+    elif spec.signing.openpgp_key and source:
         wanted.append("gpg")  # systemd-pull checks SHA256SUMS.gpg with it (Verify=yes)
     if spec.update.source:
         wanted.append("curl")  # `particle update` fetches chunks of delta updates with it

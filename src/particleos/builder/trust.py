@@ -4,7 +4,8 @@
   systemd looks for userspace verity checks), the OpenPGP public keyring that update metadata
   is checked against (/usr/lib/systemd/import-pubring.gpg, replacing Debian's vendor keys), and
   a Secure Boot-signed systemd-boot (`.efi.signed`, which bootctl prefers when it updates).
-  Gives `bootloader`: the systemd-boot the ESP carries.
+  Gives `bootloader`: the systemd-boot the ESP carries (loader.ship_loader: the release's or
+  the spec's `[boot] loader`, installed onto the ESP after a good boot of a later version).
 * `sign_verity` (after the hash tree): the usr-verity-sig partition and the kernel command line
   that makes the kernel accept /usr only with a valid root hash signature.
 * `sign_uki` (after the UKI): the UKI signed for Secure Boot. Gives `boot_uki`: the UKI shipped.
@@ -29,7 +30,9 @@ from ..signing import (
 )
 from ..spec import Spec
 from ..ui import ui
+from ..update.transfer import is_oci
 from .context import BuildContext
+from .loader import ship_loader
 
 VERITY_CERT_DIR = "usr/lib/verity.d"
 IMPORT_PUBRING = "usr/lib/systemd/import-pubring.gpg"
@@ -55,7 +58,7 @@ def install_trust(ctx: BuildContext) -> None:
     assert ctx.tree is not None
     pair = key_pair(ctx.spec)
     pgp_key = ctx.spec.signing.openpgp_key
-    ctx.bootloader = ctx.tree / SDBOOT
+    ctx.bootloader = ship_loader(ctx)
     if pair is None and pgp_key is None:
         # "\\[" so that rich prints "[signing]" instead of taking it for markup.
         ui.info("  unsigned image (no \\[signing] keys)")
@@ -69,7 +72,13 @@ def install_trust(ctx: BuildContext) -> None:
                Path(ctx.spec.signing.certificate or ""), ctx.tree / SDBOOT, signed)
         ctx.bootloader = signed
     if pgp_key is not None:
-        if ctx.spec.update.source and not (ctx.tree / "usr/bin/gpg").exists():
+        source = ctx.spec.update.source
+        if source and is_oci(source) and not (ctx.tree / "usr/bin/gpgv").exists():
+            raise ParticleError(
+                "the image has no gpgv, which `particle update` needs to verify the registry's "
+                'SHA256SUMS.gpg: add "gpgv" to packages.install'
+            )
+        if source and not is_oci(source) and not (ctx.tree / "usr/bin/gpg").exists():
             raise ParticleError(
                 "the image has no gpg, which systemd-sysupdate needs to verify SHA256SUMS.gpg: "
                 'add "gpg" to packages.install'

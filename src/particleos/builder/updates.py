@@ -11,11 +11,19 @@ import os
 from importlib import resources
 
 from ..errors import ParticleError
-from ..update.transfer import INCOMING_DIR, LOCAL_SYSUPDATE_DIR, SYSUPDATE_DIR, transfer_files
+from ..update.transfer import (
+    INCOMING_DIR,
+    LOCAL_SYSUPDATE_DIR,
+    SOURCE_FILE,
+    SYSUPDATE_DIR,
+    is_oci,
+    transfer_files,
+)
 from .context import BuildContext
 from .trust import verify_updates
 
 ASSESS_DROPIN = "particle-assess.conf"
+SYSUPDATE_SERVICE_DROPIN = "usr/lib/systemd/system/systemd-sysupdate.service.d/50-particle-oci.conf"
 TRIAL_SCRIPT = "usr/lib/particle/particle-trial"
 TRIAL_UNIT = "usr/lib/systemd/system/particle-trial.service"
 TRIAL_DROPINS = {"emergency-trial.conf": "usr/lib/systemd/system/emergency.service.d",
@@ -52,10 +60,23 @@ def update_definitions(ctx: BuildContext) -> None:
     if update.source:
         # No '+' in the version (boot counting uses it in UKI names): spec.checks.
         verity_sig = ctx.spec.signing.key is not None
-        for where, source, verify in (
-            (SYSUPDATE_DIR, update.source, verify_updates(ctx.spec)),
-            (LOCAL_SYSUPDATE_DIR, INCOMING_DIR, False),  # checked by particle before install
-        ):
+        sets = [(LOCAL_SYSUPDATE_DIR, INCOMING_DIR, False)]  # checked by particle before install
+        if is_oci(update.source):
+            # sysupdate cannot speak the registry API: `particle update` fetches and verifies
+            # the files, then installs them through the local transfers; it finds the source here.
+            source_file = ctx.tree / SOURCE_FILE
+            source_file.parent.mkdir(parents=True, exist_ok=True)
+            source_file.write_text(update.source + "\n")
+            # Debian's systemd-sysupdate.timer would run sysupdate without definitions, and the
+            # failed unit would leave the system degraded: it has nothing to do here.
+            dropin = ctx.tree / SYSUPDATE_SERVICE_DROPIN
+            dropin.parent.mkdir(parents=True, exist_ok=True)
+            dropin.write_text("# Written by ParticleOS: updates come from a registry "
+                              "(particle update)\n[Unit]\n"
+                              f"ConditionDirectoryNotEmpty=/{SYSUPDATE_DIR}\n")
+        else:
+            sets.insert(0, (SYSUPDATE_DIR, update.source, verify_updates(ctx.spec)))
+        for where, source, verify in sets:
             target = ctx.tree / where
             target.mkdir(parents=True, exist_ok=True)
             for stale in target.glob("*.transfer"):

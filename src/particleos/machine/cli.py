@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # Modules that contribute verbs; a module that does not exist yet is skipped.
-VERB_MODULES = ("status", "update", "ext", "overlay", "etc")
+VERB_MODULES = ("status", "update", "ext", "overlay", "etc", "loader")
 
 
 class MachineError(Exception):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import bootlog, etcmerge, gpt
+from . import bootlog, etcmerge, gpt, loader, registry
 from . import entries as boot_entries
 from .cli import MachineError
 from .entries import Entry, os_release_fields
@@ -97,7 +97,12 @@ def run_text(argv: list[str]) -> str:
 
 
 def update_source() -> str | None:
-    """The Path= of the first transfer's [Source] (they all use the same source)."""
+    """The registry the builder recorded (`particle update` fetches from it itself), else the
+    Path= of the first transfer's [Source] (they all use the same source)."""
+    try:
+        return registry.SOURCE_FILE.read_text().strip() or None
+    except FileNotFoundError:
+        pass
     for d in SYSUPDATE_DIRS:
         for f in sorted(d.glob("*.transfer")) if d.is_dir() else []:
             section = ""
@@ -146,6 +151,12 @@ def collect() -> dict[str, Any]:
         by_entry.setdefault(t.entry_id.lower(), []).append(t.to_json())
     bless = run_text([BLESS_BOOT, "status"]) if os.path.exists(BLESS_BOOT) else ""
     complete = run_text(["systemctl", "is-active", "boot-complete.target"])
+    loader_state = None
+    if esp is not None:
+        try:
+            loader_state = loader.status_json(esp, version, entries)
+        except OSError as err:
+            notes.append(f"boot loader state unavailable: {err}")
     return {
         "id": image_id,
         "version": version,
@@ -162,6 +173,7 @@ def collect() -> dict[str, Any]:
         "failed_tries": [t.to_json() for t in failures],
         "pending": pending,
         "update_source": update_source(),
+        "loader": loader_state,
         "etc": {"derived_from": etcmerge.stamp_version(Path("/etc")),
                 "conflicts": etcmerge.conflicts(Path("/etc"))},
         "notes": notes,
@@ -202,6 +214,8 @@ def render(st: dict[str, Any]) -> str:
     else:
         lines.append("pending:    nothing; the next boot runs this version")
     lines.append(f"updates:    {st['update_source'] or 'no update source in this image'}")
+    if st.get("loader"):
+        lines.append(loader.render(st["loader"]))
     for t in st.get("failed_tries", []):
         lines.append(f"failed:     {t['version']} try {t['try'] or '?'} (boot {t['boot']}): "
                      f"{t['how']}")

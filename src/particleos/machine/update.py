@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..formats import Manifest, chunk_index_name
-from . import bootlog, changes, delta, gpt, status, switch
+from . import bootlog, changes, delta, gpt, registry, status, switch
 from . import entries as boot_entries
 from .cli import MachineError
 from .entries import Entry
@@ -78,18 +78,21 @@ def _automatic_update_running() -> bool:
 
 
 def check(running: str) -> dict[str, Any]:
-    """What a newer version would be: asks sysupdate for every version it knows (available at
-    the source or installed) and the boot entries for what is already installed; for a
-    version to install, what it costs (delta and full download) and its package changes."""
-    proc = _sysupdate("--json=short", "list", capture=True)
-    try:
-        listed = json.loads(proc.stdout) if proc.returncode == 0 else None
-    except ValueError:
-        listed = None
-    if not isinstance(listed, dict):
-        raise MachineError(f"checking for updates failed:\n{proc.stderr.strip()}")
-    versions = sorted((str(v) for v in listed.get("all") or []), key=version_key)
-    newest = versions[-1] if versions else running
+    """What a newer version would be: asks sysupdate (or the registry's tags) for every version
+    it knows and the boot entries for what is already installed; for a version to install,
+    what it costs (delta and full download) and its package changes."""
+    if registry.is_oci(status.update_source()):
+        newest = registry.newest_version(running) or running
+    else:
+        proc = _sysupdate("--json=short", "list", capture=True)
+        try:
+            listed = json.loads(proc.stdout) if proc.returncode == 0 else None
+        except ValueError:
+            listed = None
+        if not isinstance(listed, dict):
+            raise MachineError(f"checking for updates failed:\n{proc.stderr.strip()}")
+        versions = sorted((str(v) for v in listed.get("all") or []), key=version_key)
+        newest = versions[-1] if versions else running
     result: dict[str, Any] = {"running": running, "newest": newest}
     if vercmp(newest, running) <= 0:
         return result | {"state": "up-to-date",
@@ -112,8 +115,8 @@ def _preview(running: str, newest: str) -> dict[str, Any]:
     """Download sizes and package changes of an update to `newest` (what can be known: a
     source without a store or manifests gives less, never an error)."""
     ctx = _delta_setup()
-    if ctx is None:
-        return {}
+    if ctx is None or registry.is_oci(ctx[0].base):
+        return {}  # registries: the version and nothing more, for now
     source, image_id, verify, _ = ctx
     work = Path("/run/particle-check")
     out: dict[str, Any] = {}
@@ -327,7 +330,10 @@ def cmd_update(args: argparse.Namespace) -> int:
         for name in switch.detach_stale_usr():
             print(f"detached the unused /usr device {name}")
         print(f"running {running}; looking for updates at {status.update_source()}", flush=True)
-        if not install_by_delta(running):
+        if registry.is_oci(status.update_source()):  # particle fetches and verifies, then
+            if registry.fetch(running, {e.version for e in before}, INCOMING):  # sysupdate
+                install_local()
+        elif not install_by_delta(running):
             install_from_source()
     _, found = _entries()
     default = next((e for e in found if e.default), None)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,18 +24,29 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..errors import ParticleError
-from ..formats import SHA256SUMS, Manifest, format_sha256sums, read_sha256sums, sha256_file
+from ..formats import (
+    OCI_ARTIFACT_TYPE,
+    OCI_ID,
+    OCI_TITLE,
+    OCI_VERSION,
+    SHA256SUMS,
+    Manifest,
+    format_sha256sums,
+    oci_version_tag,
+    read_sha256sums,
+    sha256_file,
+)
 from ..ui import ui
 from ..update.publish import SIGNATURE, Signer, find_version
 from .registry import MANIFEST_V1, Credentials, Reference, Registry
 
-ARTIFACT_TYPE: Final = "application/vnd.particleos.version.v1"
+ARTIFACT_TYPE: Final = OCI_ARTIFACT_TYPE
 EMPTY_CONFIG: Final = "application/vnd.oci.empty.v1+json"
 EMPTY_DATA: Final = b"{}"
 SUMS_TYPE: Final = "application/vnd.particleos.sha256sums.v1"
 SUMS_SIG_TYPE: Final = "application/pgp-signature"
-TITLE: Final = "org.opencontainers.image.title"
-VERSION: Final = "org.opencontainers.image.version"
+TITLE: Final = OCI_TITLE
+VERSION: Final = OCI_VERSION
 PREFIX: Final = "org.particleos."
 
 # Suffix of a served file name -> media type ({fs}: the usr file system of the build).
@@ -93,10 +103,8 @@ def media_type(name: str, manifest: Manifest) -> str:
 
 
 def version_tag(version: str) -> str:
-    """The tag of a version: tags allow [A-Za-z0-9_.-] only, so `2.0~rc1` is tagged `2.0_rc1`
-    (the exact version is in the manifest's annotations)."""
-    tag = re.sub(r"[^A-Za-z0-9_.-]", "_", version)[:128]
-    return tag if re.match(r"^[A-Za-z0-9_]", tag) else f"v{tag}"[:128]
+    """The tag of a version (formats.oci_version_tag: machines map tags the same way)."""
+    return oci_version_tag(version)
 
 
 def version_blobs(build_dir: Path, version: str | None, sign: Signer | None) \
@@ -146,7 +154,7 @@ def image_manifest(manifest: Manifest, blobs: list[Blob]) -> bytes:
         "layers": [b.descriptor() for b in blobs],
         "annotations": {
             VERSION: manifest.version,
-            f"{PREFIX}id": manifest.id,
+            OCI_ID: manifest.id,
             f"{PREFIX}root-hash": manifest.root_hash,
             f"{PREFIX}release": manifest.release,
             f"{PREFIX}architecture": manifest.architecture,

@@ -18,6 +18,8 @@ from pathlib import Path
 from ..disk.fs import FAT32_MIN_SIZE
 from ..disk.layout import GPT_NAME_MAX
 from ..disk.sizes import MiB, format_size
+from ..machine.registry import parse_source
+from ..update.transfer import is_oci
 from .errors import KeyPath, key_path
 from .model import Spec
 
@@ -59,7 +61,9 @@ def check_inputs(
         ({"files"}, lambda: _files(spec)),
         ({"signing", "update"}, lambda: _signing(spec)),
         ({"system", "update"}, lambda: _version(spec, version)),
+        ({"update"}, lambda: _registry_source(spec)),
         ({"image"}, lambda: _sizes(spec)),
+        ({"boot"}, lambda: _loader(spec)),
     ]
     problems: list[Problem] = []
     for sections, check in checks:
@@ -149,6 +153,43 @@ def _signing(spec: Spec) -> list[Problem]:
             ("signing", "update_keys"),
             "update keys are trusted in addition to signing.openpgp_key, which is not set "
             "(allowed: only together with openpgp_key)",
+        ))
+    return out
+
+
+def _loader(spec: Spec) -> list[Problem]:
+    """`[boot] loader` must be a systemd-boot binary: machines compare its LoaderInfo version
+    with the ESP's before they install it."""
+    path = spec.boot.loader
+    if path is None:
+        return []
+    if (text := _path_problem(path, "file")) is not None:
+        return [Problem(("boot", "loader"), text)]
+    data = Path(path).read_bytes()
+    if data[:2] != b"MZ" or b"#### LoaderInfo: systemd-boot " not in data:
+        return [Problem(("boot", "loader"), f"{_shown(path)} is not a systemd-boot EFI binary "
+                        "(allowed: a systemd-bootx64.efi, signed or not)")]
+    return []
+
+
+def _registry_source(spec: Spec) -> list[Problem]:
+    """An `oci://` source: a registry host and a repository name the distribution API takes
+    (no tag: the machine picks the newest version among the tags), and a key to check the
+    versions with: nothing a registry serves is trusted without the owner's signature."""
+    source = spec.update.source
+    if not source or not is_oci(source):
+        return []
+    out = []
+    try:
+        parse_source(source)
+    except ValueError as err:
+        out.append(Problem(("update", "source"), str(err)))
+    if spec.signing.openpgp_key is None:
+        out.append(Problem(
+            ("signing", "openpgp_key"),
+            "missing: required with an oci:// update source (the machine accepts a version "
+            "from a registry only with SHA256SUMS signed by this key)",
+            "`particle genkey` writes one; add its openpgp_key line to [signing]",
         ))
     return out
 

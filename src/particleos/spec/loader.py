@@ -250,6 +250,9 @@ def _absolute_paths(data: dict[str, Any], base: Path) -> None:
                 signing[key] = fix(signing[key])
         if isinstance(signing.get("update_keys"), list):
             signing["update_keys"] = [fix(v) for v in signing["update_keys"]]
+    boot = data.get("boot")
+    if isinstance(boot, dict) and "loader" in boot:
+        boot["loader"] = fix(boot["loader"])
     update = data.get("update")
     source = update.get("source") if isinstance(update, dict) else None
     if isinstance(update, dict) and isinstance(source, str) and "://" not in source:

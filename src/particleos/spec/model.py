@@ -264,16 +264,19 @@ class Signing(Model):
 
 
 def _check_update_source(v: str | None) -> str | None:
-    if v is None or re.match(r"^https?://[^\s]+$", v) or (v.startswith("/") and "\n" not in v):
+    if v is None or re.match(r"^(https?|oci|oci\+http)://[^\s]+$", v) or \
+            (v.startswith("/") and "\n" not in v):
         return v
     raise ValueError(
-        f"bad update source {v!r} (allowed: an http:// or https:// URL, or a local directory)"
+        f"bad update source {v!r} (allowed: an http:// or https:// URL, a registry "
+        "oci://HOST[:PORT]/REPO (oci+http:// for a plain-http one), or a local directory)"
     )
 
 
 class Update(Model):
     source: Annotated[str | None, AfterValidator(_check_update_source)] = Field(
-        None, description="http(s) URL or a local directory on the machine."
+        None, description="http(s) URL, an OCI registry repository oci://HOST[:PORT]/REPO "
+        "(oci+http:// for plain http), or a local directory on the machine."
     )
     tries: Annotated[int, Field(ge=1, le=10)] = 3
 
@@ -298,6 +301,12 @@ class Boot(Model):
     )
     panic_reboot: Duration = Field(
         10, description="Seconds after a kernel panic before the machine reboots (panic=)."
+    )
+    loader: str | None = Field(
+        None,
+        description="A systemd-boot EFI binary to ship instead of the release's (a newer build, "
+        "or one a vendor signed); signed with [signing] like the release's. Machines install a "
+        "version's loader onto the ESP after its first good boot, never an older one.",
     )
 
 

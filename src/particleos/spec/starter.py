@@ -86,6 +86,7 @@ tries = 3                        # boot attempts of a new version before falling
 # on_failure = "reboot"          # reboot | none: any failure of a boot being tried reboots
 # trial_timeout = "10min"        # a boot being tried that hangs this long reboots
 # panic_reboot = "10s"           # a panicked kernel reboots after this (panic=)
+# loader = "systemd-bootx64.efi"  # ship this systemd-boot instead of the release's
 
 # System extensions (sysext) built against exactly this /usr, e.g. developer tools.
 # [extensions.devtools]

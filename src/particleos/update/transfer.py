@@ -22,6 +22,10 @@ SYSUPDATE_DIR: Final = "usr/lib/sysupdate.d"
 # install them from there (`--definitions=`), so every path keeps sysupdate's slot handling.
 LOCAL_SYSUPDATE_DIR: Final = "usr/lib/particle/sysupdate.local.d"
 INCOMING_DIR: Final = "/var/lib/particle/incoming"
+# The `[update] source` of an image whose updates sysupdate cannot fetch itself (an OCI
+# registry): the machine's `particle update` reads it here (machine.status.update_source).
+SOURCE_FILE: Final = "usr/lib/particle/update-source"
+OCI_SCHEMES: Final = ("oci://", "oci+http://")  # https, and plain http (loopback/test registries)
 ESP_UKI_DIR: Final = "/EFI/Linux"
 INSTANCES_MAX: Final = 2  # A/B: the running version plus the one being installed
 
@@ -53,6 +57,11 @@ def parts(verity_sig: bool = False) -> list[Part]:
 
 def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
+
+
+def is_oci(source: str) -> bool:
+    """A registry source: `particle update` fetches and verifies, sysupdate installs locally."""
+    return source.startswith(OCI_SCHEMES)
 
 
 def served_name(
