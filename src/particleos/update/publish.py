@@ -24,9 +24,9 @@ from pathlib import Path
 from ..cache import atomic_file, fsync_path
 from ..errors import ParticleError
 from ..formats import (
-    CHUNK_INDEX_SUFFIX,
     SHA256SUMS,
     build_manifests,
+    chunk_index_file,
     chunk_index_name,
     format_sha256sums,
     read_sha256sums,
@@ -107,8 +107,8 @@ def find_version(build_dir: Path, version: str | None = None) -> BuiltVersion:
 
 def version_of(name: str, image_id: str) -> str | None:
     """The version in a published file name of `image_id` (`ID_VERSION[_UUID].suffix`, or a
-    chunk index `that.chunks`)."""
-    name = name.removesuffix(CHUNK_INDEX_SUFFIX)
+    chunk index `chunks.that.json`)."""
+    name = chunk_index_file(name) or name
     if not name.startswith(f"{image_id}_"):
         return None
     rest = name[len(image_id) + 1 :]
