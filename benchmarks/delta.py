@@ -22,14 +22,7 @@ import time
 from pathlib import Path
 
 from particleos.builder import build
-from particleos.formats import (
-    CHUNK_INDEX_SUFFIX,
-    ChunkIndex,
-    Seed,
-    chunk_index_target,
-    chunk_path,
-    reconstruct,
-)
+from particleos.formats import ChunkIndex, Seed, chunk_index_file, chunk_path, reconstruct
 from particleos.spec import load_spec
 from particleos.store.chunker import chunks
 from particleos.store.delta import delta, version_files
@@ -87,12 +80,12 @@ def reconstruct_speed(srv: Path, image_id: str, old: str, new: str, seeded: bool
     """Rebuild every indexed image of `new` (seeds: `old`'s images with their indexes, or
     none), checking each; returns MiB/s and the bytes read from the store."""
     old_names = version_files(srv, image_id, old)
-    seeds = [Seed(srv / str(chunk_index_target(n)), ChunkIndex.read(srv / n))
-             for n in old_names if n.endswith(CHUNK_INDEX_SUFFIX)] if seeded else []
+    seeds = [Seed(srv / f, ChunkIndex.read(srv / n))
+             for n in old_names if (f := chunk_index_file(n))] if seeded else []
     total = fetched = 0
     start, cpu = time.monotonic(), time.process_time()
     for name in version_files(srv, image_id, new):
-        if not name.endswith(CHUNK_INDEX_SUFFIX):
+        if not chunk_index_file(name):
             continue
         index = ChunkIndex.read(srv / name)
         sink = HashSink()

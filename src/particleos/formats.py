@@ -258,19 +258,18 @@ def build_manifests(build_dir: Path) -> list[tuple[Path, Manifest]]:
 #
 # Next to SHA256SUMS in a publish directory:
 #   chunks/<first 4 hex>/<sha256 hex of the uncompressed chunk>.zz   zlib-compressed chunk
-#   _<published file>.chunks                                          its ChunkIndex (JSON)
-# The leading "_" keeps an index from matching sysupdate's source patterns (`ID_@v.efi`,
-# `ID-NAME_@v.raw`): sysupdate 257 ignores what follows a pattern's last literal, so
-# `ID_V.efi.chunks` was taken for the UKI itself (measured: a full download installed the
-# indexes). Image ids cannot contain "_", so no pattern starts with it.
+#   chunks.<published file>.json                                      its ChunkIndex (JSON)
 # The index is listed in SHA256SUMS, so it is signed with the rest; a chunk is trusted because
 # the signed index names its digest. A machine rebuilds a file from the chunks it already has
 # (the running slot, with the running version's index as its map) and fetches only the others.
 
 CHUNKS_DIR: Final = "chunks"
 CHUNK_SUFFIX: Final = ".zz"
-CHUNK_INDEX_PREFIX: Final = "_"
-CHUNK_INDEX_SUFFIX: Final = ".chunks"
+# An index is named `chunks.F.json`, not `F.chunks`: systemd-sysupdate 257 matches a pattern
+# such as `ID_@v.efi` against `ID_V.efi.chunks` too (it ignores what follows the pattern), and
+# installed an index as the UKI in the update test. No transfer pattern starts with `chunks.`.
+CHUNK_INDEX_PREFIX: Final = "chunks."
+CHUNK_INDEX_SUFFIX: Final = ".json"
 CHUNK_INDEX_FORMAT: Final = 1
 CHUNK_ZLIB_LEVEL: Final = 6
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -334,12 +333,12 @@ def chunk_path(store_root: Path, digest: str) -> Path:
 
 
 def chunk_index_name(file: str) -> str:
-    """The index's name for a published file: `_F.chunks`."""
+    """The index's name for a published file: `chunks.F.json`."""
     return CHUNK_INDEX_PREFIX + file + CHUNK_INDEX_SUFFIX
 
 
-def chunk_index_target(name: str) -> str | None:
-    """The published file a chunk index name stands for (None: not an index name)."""
+def chunk_index_file(name: str) -> str | None:
+    """The published file a chunk index name describes (None: not an index name)."""
     if name.startswith(CHUNK_INDEX_PREFIX) and name.endswith(CHUNK_INDEX_SUFFIX):
         return name[len(CHUNK_INDEX_PREFIX) : -len(CHUNK_INDEX_SUFFIX)] or None
     return None
@@ -421,7 +420,7 @@ def cdc_cuts(data: bytes | memoryview, params: dict[str, Any] | None = None) -> 
 
 @dataclass
 class ChunkIndex:
-    """`F.chunks`: a published file as chunks in file order (offsets are the running sum).
+    """`chunks.F.json`: a published file as chunks in file order (offsets are the running sum).
     `chunks` holds [sha256 hex of the chunk, its size, its stored (compressed) size]: the
     stored size lets a machine say what it will download before it fetches anything."""
 

@@ -23,7 +23,7 @@ import pytest
 from particleos import runner
 from particleos.builder import BuildResult
 from particleos.disk import PartType, read_table
-from particleos.formats import ChunkIndex, chunk_path
+from particleos.formats import ChunkIndex, chunk_index_name, chunk_path
 from particleos.update.publish import publish
 from particleos.verity import verity_uuids
 from particleos.vm import VM, VMOptions
@@ -304,7 +304,7 @@ def test_v3_fails_its_boot_assessment_and_v2_comes_back_by_itself(machine: Machi
 
 def chunks_only_in(m: Machine, version: str) -> list[Path]:
     """Stored chunks of `version`'s usr image that no other published version has."""
-    indexes = {p.name: ChunkIndex.read(p) for p in m.update_dir.glob("*.usr.raw.chunks")}
+    indexes = {p.name: ChunkIndex.read(p) for p in m.update_dir.glob(chunk_index_name("*.usr.raw"))}
     mine = next(i for i in indexes.values() if i.file.startswith(f"{ID}_{version}_"))
     others = set().union(*(i.digests() for i in indexes.values() if i is not mine))
     return [chunk_path(m.update_dir, d) for d in sorted(mine.digests() - others)]

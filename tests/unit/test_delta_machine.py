@@ -148,7 +148,7 @@ def test_every_delta_failure_raises_and_leaves_nothing(
 def test_versions_and_parts_from_sha256sums() -> None:
     uuid = "0123abcd-0123-4567-89ab-0123456789ab"
     names = [f"{ID}_1.0_{uuid}.usr.raw", f"{ID}_1.0_{uuid}.usr-verity.raw", f"{ID}_1.0.efi",
-             chunk_index_name(f"{ID}_1.0.efi"), f"{ID}_1.0.efi.chunks",
+             chunk_index_name(f"{ID}_1.0.efi"),
              f"{ID}_1.0.manifest.json",
              f"{ID}_1.10_{uuid}.usr.raw", f"{ID}_1.10.efi",  # incomplete: no hash tree
              f"{ID}_1.9_{uuid}.usr.raw", f"{ID}_1.9_{uuid}.usr-verity.raw", f"{ID}_1.9.efi",
@@ -320,8 +320,8 @@ def test_update_falls_back_to_the_full_download_when_the_delta_fails(
 
 def test_no_chunk_index_matches_a_sysupdate_source_pattern() -> None:
     """sysupdate 257 ignores what follows a pattern's last literal: an index named
-    `ID_V.efi.chunks` was installed as the UKI by a full download. Patterns start with the
-    image id (literal), which an index name never does."""
+    `ID_V.efi.chunks` was installed as the UKI by a full download (the update chain's
+    fallback). Patterns start with the image id (literal), which an index name never does."""
     from particleos.update.transfer import parts, served_name, source_pattern
 
     uuid = "0123abcd-0123-4567-89ab-0123456789ab"
@@ -329,4 +329,4 @@ def test_no_chunk_index_matches_a_sysupdate_source_pattern() -> None:
         index = chunk_index_name(served_name(ID, "2.0", part, uuid))
         assert not index.startswith(source_pattern(ID, part).split("@")[0]), index
     assert not chunk_index_name(f"{ID}-devtools_2.0.raw").startswith(f"{ID}-devtools_")
-    assert formats.chunk_index_target(chunk_index_name(f"{ID}_2.0.efi")) == f"{ID}_2.0.efi"
+    assert formats.chunk_index_file(chunk_index_name(f"{ID}_2.0.efi")) == f"{ID}_2.0.efi"

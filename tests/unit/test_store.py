@@ -24,7 +24,7 @@ from particleos.formats import (
     ChunkIndex,
     Seed,
     cdc_cuts,
-    chunk_index_name,
+    chunk_index_file,
     chunk_path,
     decode_chunk,
     encode_chunk,
@@ -186,7 +186,7 @@ def version_usr(v: int) -> bytes:
 def listed_chunks(srv: Path) -> set[str]:
     need: set[str] = set()
     for name in read_sha256sums(srv / "SHA256SUMS"):
-        if name.endswith(".chunks"):
+        if chunk_index_file(name):
             index = ChunkIndex.read(srv / name)
             assert hashlib.sha256((srv / name).read_bytes()).hexdigest() == read_sha256sums(
                 srv / "SHA256SUMS")[name]
@@ -214,16 +214,16 @@ def test_publish_stores_chunks_and_gc_keeps_what_kept_versions_need(tmp_path: Pa
     assert stored_chunks(srv) == listed_chunks(srv)
     # Both kept versions rebuild from the store alone.
     for name in read_sha256sums(srv / "SHA256SUMS"):
-        if name.endswith(".chunks"):
+        if chunk_index_file(name):
             index = ChunkIndex.read(srv / name)
             out = io.BytesIO()
             reconstruct(index, out, [], lambda d: chunk_path(srv, d).read_bytes())
             assert out.getvalue() == (srv / index.file).read_bytes()
     # File system images are cut finer than the UKI.
     sums = read_sha256sums(srv / "SHA256SUMS")
-    usr_index = next(n for n in sums if n.endswith(".usr.raw.chunks"))
+    usr_index = next(n for n in sums if n.endswith(".usr.raw.json"))
     assert ChunkIndex.read(srv / usr_index).chunker == CDC_FILESYSTEM
-    assert ChunkIndex.read(srv / chunk_index_name("demo_3.efi")).chunker == CDC_DEFAULT
+    assert ChunkIndex.read(srv / "chunks.demo_3.efi.json").chunker == CDC_DEFAULT
     d = delta(srv, ID, "2", "3")
     assert d.chunk_bytes < d.full_bytes * 0.1 and d.delta_bytes > d.chunk_bytes
 
@@ -233,11 +233,11 @@ def test_no_chunks_and_an_unreadable_index_keeps_every_chunk(tmp_path: Path) -> 
     pub.publish(fake_build(tmp_path / "b1", "1", version_usr(1), UKI), srv)
     before = stored_chunks(srv)
     r = pub.publish(fake_build(tmp_path / "b2", "2", version_usr(2), UKI), srv, chunks=False)
-    assert not r.chunked and not any(n.startswith("demo_2") and n.endswith(".chunks")
+    assert not r.chunked and not any(n.startswith("chunks.demo_2")
                                      for n in read_sha256sums(srv / "SHA256SUMS"))
     assert stored_chunks(srv) == before  # v1's chunks are still needed
     # An index the collector cannot read stops it before it removes anything.
-    name = next(n for n in read_sha256sums(srv / "SHA256SUMS") if n.endswith("usr.raw.chunks"))
+    name = next(n for n in read_sha256sums(srv / "SHA256SUMS") if n.endswith("usr.raw.json"))
     (srv / name).write_text("garbage")
     with pytest.raises(ParticleError, match="no chunk was removed"):
         pub.publish(fake_build(tmp_path / "b3", "3", version_usr(3), UKI), srv)
@@ -313,7 +313,7 @@ def test_killed_publish_leaves_a_consistent_store(tmp_path: Path, repo: Path) ->
     pub.publish(b2, srv)
     assert stored_chunks(srv) == listed_chunks(srv)
     assert not [p for p in srv.rglob("*") if ".tmp-" in p.name]
-    assert chunk_index_name("demo_2.efi") in read_sha256sums(srv / "SHA256SUMS")
+    assert "chunks.demo_2.efi.json" in read_sha256sums(srv / "SHA256SUMS")
 
 
 def test_a_chunk_repeated_within_a_file_is_stored_once(tmp_path: Path) -> None:
@@ -343,3 +343,32 @@ def test_publish_cli_prints_the_delta_from_the_previous_version(tmp_path: Path, 
     assert "chunks: " in out and "delta from 1: " in out
     percent = float(out.split("delta from 1: ")[1].split("(")[1].split(" %")[0])
     assert percent == round(100 * d.ratio, 1) and percent < 20
+
+
+def test_no_sysupdate_pattern_takes_an_index_for_an_image(tmp_path: Path) -> None:
+    """systemd-sysupdate 257 matches a source pattern as a prefix (what follows it is
+    ignored): `ID_@v.efi` took `ID_V.efi.chunks` for the UKI. Index names must match none."""
+    import re
+
+    from particleos.update.transfer import transfer_files
+
+    srv = tmp_path / "srv"
+    pub.publish(fake_build(tmp_path / "b1", "1", version_usr(1), UKI), srv)
+    names = set(read_sha256sums(srv / "SHA256SUMS"))
+    patterns = []
+    for text in transfer_files(ID, "http://10.0.2.100/", 3).values():
+        source = text.split("[Source]", 1)[1].split("[Target]", 1)[0]
+        patterns += re.findall(r"^MatchPattern=(.+)$", source, re.M)
+    assert len(patterns) == 3
+
+    def prefix_match(pattern: str, name: str) -> bool:
+        parts = [re.escape(p) for p in re.split(r"@[a-zA-Z]", pattern)]
+        return re.match(".+?".join(parts), name) is not None  # no end anchor, as 257
+
+    indexes = {n for n in names if chunk_index_file(n)}
+    assert len(indexes) == 3
+    for pattern in patterns:
+        assert [n for n in names - indexes if prefix_match(pattern, n)]  # the image matches
+        assert not [n for n in indexes if prefix_match(pattern, n)], pattern
+        # The old naming would have been taken for the image.
+        assert [f"{n}.chunks" for n in names - indexes if prefix_match(pattern, f"{n}.chunks")]

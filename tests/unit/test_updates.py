@@ -17,7 +17,7 @@ import pytest
 from particleos.builder.context import BuildContext
 from particleos.builder.updates import update_definitions
 from particleos.errors import ParticleError, SpecError
-from particleos.formats import chunk_index_name, format_sha256sums, read_sha256sums
+from particleos.formats import format_sha256sums, read_sha256sums
 from particleos.machine.versions import vercmp, version_key
 from particleos.spec import load_spec
 from particleos.tools import ToolsTree
@@ -120,14 +120,14 @@ def test_publish_names_index_and_content(tmp_path: Path) -> None:
     expected = {f"demo_1.0_{usr_uuid}.usr.raw", f"demo_1.0_{verity_uuid}.usr-verity.raw",
                 "demo_1.0.efi", "demo_1.0.manifest.json"}
     # Each image also gets its chunk index (delta updates; see test_store.py).
-    expected |= {chunk_index_name(n) for n in expected if not n.endswith(".json")}
+    expected |= {f"chunks.{n}.json" for n in expected if not n.endswith(".json")}
     index = read_sha256sums(srv / "SHA256SUMS")
     assert set(index) == expected
     for name, digest in index.items():
         assert hashlib.sha256((srv / name).read_bytes()).hexdigest() == digest
         assert (srv / name).stat().st_mode & 0o777 == 0o644
     assert result.version == "1.0"
-    assert set(result.added) == {n for n in expected if not n.endswith(".chunks")}
+    assert set(result.added) == {n for n in expected if not n.startswith("chunks.")}
     assert result.update_bytes == sum((build / f"demo_1.0{s}").stat().st_size
                                       for s in (".usr.raw", ".usr-verity.raw", ".efi"))
     assert not (srv / "demo_1.0.raw").exists()  # the disk image is not an update

@@ -3,7 +3,7 @@ already has (the running /usr slot, the other slot, the UKIs on the ESP) plus th
 update source's store holds that it lacks; then they are installed by systemd-sysupdate from
 a local directory (`update.install_local`), with every guarantee of the download path.
 
-Why no chunker here: the store's per-file indexes (`F.chunks`, listed in the signed
+Why no chunker here: the store's per-file indexes (`chunks.F.json`, listed in the signed
 SHA256SUMS) say which chunk lies where in each published file. The seeds are located by the
 index of the version they hold (kept in /var/lib/particle/chunks after each install, fetched
 from the source when missing), and a seed chunk is used only after its sha256 matches, so a
@@ -32,8 +32,8 @@ from ..formats import (
     SHA256SUMS,
     ChunkError,
     ChunkIndex,
+    chunk_index_file,
     chunk_index_name,
-    chunk_index_target,
     chunk_relpath,
     decode_chunk,
     parse_sha256sums,
@@ -45,7 +45,6 @@ INCOMING = STATE / "incoming"
 KEPT = STATE / "chunks"  # indexes and manifests of the versions this machine holds
 SIGNATURE = "SHA256SUMS.gpg"
 KEYRINGS = (Path("/etc/systemd/import-pubring.gpg"), Path("/usr/lib/systemd/import-pubring.gpg"))
-INDEX_SUFFIX = ".chunks"
 MANIFEST_SUFFIX = ".manifest.json"
 # Parts of a version, in sysupdate's order; the UKI (which makes it bootable) is last.
 PART_SUFFIXES = (".usr-verity-sig.raw", ".usr-verity.raw", ".usr.raw", ".efi")
@@ -412,7 +411,7 @@ def prune_kept(versions_here: set[str], image_id: str) -> None:
                          r"(?:\.usr-verity-sig\.raw|\.usr-verity\.raw|\.usr\.raw|\.efi|"
                          r"\.manifest\.json)$")
     for path in KEPT.iterdir() if KEPT.is_dir() else []:
-        m = pattern.match(chunk_index_target(path.name) or path.name)
+        m = pattern.match(chunk_index_file(path.name) or path.name)
         if path.name.startswith(".") or (m and m.group(1) not in versions_here):
             with contextlib.suppress(OSError):
                 path.unlink()

@@ -9,13 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..formats import (
-    CHUNK_INDEX_SUFFIX,
-    SHA256SUMS,
-    ChunkIndex,
-    chunk_index_target,
-    read_sha256sums,
-)
+from ..formats import SHA256SUMS, ChunkIndex, chunk_index_file, read_sha256sums
 from ..update.publish import SIGNATURE, version_of
 
 
@@ -47,26 +41,25 @@ def delta(update_dir: Path, image_id: str, old: str, new: str) -> Delta:
     old_names, new_names = (version_files(update_dir, image_id, v) for v in (old, new))
     have: set[str] = set()
     for name in old_names:
-        if name.endswith(CHUNK_INDEX_SUFFIX):
+        if chunk_index_file(name):
             have |= ChunkIndex.read(update_dir / name).digests()
 
     def size(name: str) -> int:
         return (update_dir / name).stat().st_size
 
     other = size(SHA256SUMS) + (size(SIGNATURE) if (update_dir / SIGNATURE).is_file() else 0)
-    other += sum(size(n) for n in old_names if n.endswith(CHUNK_INDEX_SUFFIX))
+    other += sum(size(n) for n in old_names if chunk_index_file(n))
     full = 0
-    indexed = {chunk_index_target(n) for n in new_names
-               if n.endswith(CHUNK_INDEX_SUFFIX)}
+    indexed = {chunk_index_file(n) for n in new_names}
     wanted: dict[str, int] = {}
     for name in new_names:
-        if name.endswith(".manifest.json"):
-            other += size(name)
-        elif name.endswith(CHUNK_INDEX_SUFFIX):
+        if chunk_index_file(name):
             other += size(name)
             for digest, _, stored in ChunkIndex.read(update_dir / name).chunks:
                 if digest not in have:
                     wanted[digest] = stored
+        elif name.endswith(".manifest.json"):
+            other += size(name)
         else:
             full += size(name)
             if name not in indexed:

@@ -29,7 +29,7 @@ from ..formats import (
     CHUNKS_DIR,
     ChunkError,
     ChunkIndex,
-    chunk_index_target,
+    chunk_index_file,
     chunk_path,
     encode_chunk,
 )
@@ -201,4 +201,4 @@ def collect_garbage(store_root: Path, index_names: list[str]) -> GcStats:
 
 def index_names(names: list[str] | set[str]) -> list[str]:
     """The chunk indexes among published names."""
-    return sorted(n for n in names if chunk_index_target(n) is not None)
+    return sorted(n for n in names if chunk_index_file(n))

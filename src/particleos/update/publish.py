@@ -26,8 +26,8 @@ from ..errors import ParticleError
 from ..formats import (
     SHA256SUMS,
     build_manifests,
+    chunk_index_file,
     chunk_index_name,
-    chunk_index_target,
     format_sha256sums,
     read_sha256sums,
     sha256_file,
@@ -107,8 +107,8 @@ def find_version(build_dir: Path, version: str | None = None) -> BuiltVersion:
 
 def version_of(name: str, image_id: str) -> str | None:
     """The version in a published file name of `image_id` (`ID_VERSION[_UUID].suffix`, or a
-    chunk index `that.chunks`)."""
-    name = chunk_index_target(name) or name
+    chunk index `chunks.that.json`)."""
+    name = chunk_index_file(name) or name
     if not name.startswith(f"{image_id}_"):
         return None
     rest = name[len(image_id) + 1 :]
