@@ -290,6 +290,7 @@ def test_update_falls_back_to_the_full_download_when_the_delta_fails(
     monkeypatch.setattr(delta, "offer", lambda *a, **k: o)
     monkeypatch.setattr(update, "_entries", lambda: (tmp_path, []))
     monkeypatch.setattr(update, "_held", lambda image_id: [])
+    monkeypatch.setattr(update, "_extension_transfers", lambda: False)
 
     def broken_stage(*args: object) -> delta.Staged:
         (delta.INCOMING / "half.part").write_bytes(b"x")
@@ -310,6 +311,11 @@ def test_update_falls_back_to_the_full_download_when_the_delta_fails(
     monkeypatch.setattr(update, "install_local", failing_install)
     assert update.install_by_delta("1") is False
     assert "falling back to the full download" in capsys.readouterr().out
+    # Installed extensions have transfers the local install would not run: whole download.
+    monkeypatch.setattr(update, "_extension_transfers", lambda: True)
+    assert update.install_by_delta("1") is False
+    assert "delta updates do not cover extensions yet" in capsys.readouterr().out
+    monkeypatch.setattr(update, "_extension_transfers", lambda: False)
     # A source without a store: one line, then the full download.
     monkeypatch.setattr(delta, "offer", lambda *a, **k: delta.Offer(
         "2", {".usr.raw": f"{ID}_2_u.usr.raw"}, {f"{ID}_2_u.usr.raw": "0" * 64}))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..formats import Manifest, chunk_index_name
-from . import bootlog, changes, delta, gpt, registry, status, switch
+from . import bootlog, changes, delta, gpt, registry, status, switch, sysext
 from . import entries as boot_entries
 from .cli import MachineError
 from .entries import Entry
@@ -237,6 +237,14 @@ def _clean_dir(path: Path) -> None:
         os.rmdir(path)
 
 
+def _extension_transfers() -> bool:
+    """Whether installed extensions have transfers of their own: sysupdate's full download
+    runs them with the base's; the local install of a delta does not."""
+    d = sysext.TRANSFER_DIR
+    return d.is_dir() and any(p.name.startswith(sysext.TRANSFER_PREFIX)
+                              for p in d.glob("*.transfer"))
+
+
 def install_by_delta(running: str) -> bool:
     """Install the newest version from chunks this machine has plus those the source's store
     holds. False when sysupdate's own download has to do it: nothing newer, no store, or the
@@ -252,6 +260,10 @@ def install_by_delta(running: str) -> bool:
         o = delta.offer(source, image_id, running, verify=verify, signed=signed, work=work)
         _, found = _entries()
         if o is None or any(e.version == o.version for e in found):
+            return False
+        if _extension_transfers():
+            print("extensions installed: downloading the whole version (delta updates do not "
+                  "cover extensions yet)", flush=True)
             return False
         if not any(chunk_index_name(n) in o.sums for n in o.files.values()):
             print(f"no chunk store at {source.base} for {o.version}: downloading it whole",
