@@ -296,8 +296,11 @@ def genkey(directory: Path, common_name: str, days: int, force: bool) -> None:
               envvar="PARTICLE_OPENPGP_KEY",
               help="Sign SHA256SUMS with this key ([signing] openpgp_key); signed machines "
                    "refuse updates without it.")
+@click.option("--no-chunks", is_flag=True,
+              help="Do not put this version into the chunk store (machines then download "
+                   "it whole).")
 def publish(build_dir: Path, update_dir: Path, keep: int | None, version: str | None,
-            openpgp_key: Path | None) -> None:
+            openpgp_key: Path | None, no_chunks: bool) -> None:
     """Add a built version to a static update directory (served over http(s) or read as a
     local directory by `particle update` on the machines)."""
     from .openpgp import signer
@@ -311,10 +314,29 @@ def publish(build_dir: Path, update_dir: Path, keep: int | None, version: str | 
                                  f"{str(update_dir).removeprefix('oci:').lstrip('/')}")
     _warn_unsigned_index(build_dir, openpgp_key)
     result = run_publish(build_dir, update_dir, keep=keep, version=version,
-                         sign=signer(openpgp_key) if openpgp_key else None)
+                         sign=signer(openpgp_key) if openpgp_key else None,
+                         chunks=not no_chunks)
     state = "published" if result.added else "already published"
     click.echo(f"{state} {result.image_id} {result.version} in {update_dir} "
                f"({_human(result.update_bytes)} per update)")
+    if result.chunked:
+        n = sum(s.chunks for s in result.chunked)
+        new = sum(s.new_chunks for s in result.chunked)
+        added = sum(s.new_stored_bytes for s in result.chunked)
+        size = sum(s.size for s in result.chunked)
+        secs = sum(s.seconds for s in result.chunked)
+        click.echo(f"  chunks: {n} ({new} new, {_human(added)} added to the store; "
+                   f"{size / max(secs, 1e-6) / 2**20:.0f} MiB/s)")
+        older = result.versions[: result.versions.index(result.version)] \
+            if result.version in result.versions else []
+        if older:
+            from .store.delta import delta
+
+            d = delta(update_dir, result.image_id, older[-1], result.version)
+            click.echo(f"  delta from {older[-1]}: {_human(d.delta_bytes)} "
+                       f"({100 * d.ratio:.1f} % of the full update)")
+    if result.gc is not None and result.gc.removed:
+        click.echo(f"  chunks removed: {result.gc.removed} ({_human(result.gc.removed_bytes)})")
     if result.removed_versions:
         click.echo(f"  removed: {', '.join(result.removed_versions)}")
     click.echo(f"  versions: {', '.join(result.versions)}")

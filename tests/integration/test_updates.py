@@ -23,6 +23,7 @@ import pytest
 from particleos import runner
 from particleos.builder import BuildResult
 from particleos.disk import PartType, read_table
+from particleos.formats import ChunkIndex, chunk_index_name, chunk_path
 from particleos.update.publish import publish
 from particleos.verity import verity_uuids
 from particleos.vm import VM, VMOptions
@@ -208,12 +209,36 @@ def test_v1_boots_and_updates_to_v2_in_the_other_slot(machine: Machine) -> None:
     assert cat(sh, "/etc/particle-test/changes.conf") == "level=1"
     sh.run(f"echo \"{OWN_MOTD}\" > /etc/motd; echo mine > /etc/particle-test/local.conf; sync")
 
-    m.figures["update_bytes"] = m.publish(V2)
-    assert f"update available: {V2} (running {V1})" in sh.out("particle update --check")
+    m.figures["update_bytes"] = full = m.publish(V2)
+    check = sh.out("particle update --check")
+    assert f"update available: {V2} (running {V1})" in check
+    # The preview names the delta (from v1's slot and UKI) and the full size; v1 and v2 differ
+    # only in /etc files, so no package changes.
+    found = re.search(r"download: ([\d.]+) MiB as a delta \(full download ([\d.]+) MiB; "
+                      rf"from slot A \({re.escape(V1)}\), .*UKI {re.escape(V1)}\)", check)
+    assert found, check
+    assert abs(float(found.group(2)) - full / 2**20) < 0.1
+    assert "no package changes" in check
+    preview = sh.json("particle update --check --json")
+    assert preview["state"] == "available" and preview["newest"] == V2
+    assert preview["download"]["full_bytes"] == full
+    assert preview["download"]["seeds"] == [f"slot A ({V1})", f"hash tree A ({V1})",
+                                            f"UKI {V1}"]
+    assert preview["changes"]["added"] == {} and preview["changes"]["removed"] == {}
+    m.figures["check_delta_bytes"] = preview["download"]["delta_bytes"]
     assert m.vm is not None
     mark = len(m.vm.text())
+    m.server.reset_counts()
     m.figures["full_reboot_s"] = m.switch_with("particle update --reboot")
     log = m.console_since(mark)
+    # Rebuilt from v1's slot and UKI plus the missing chunks, then installed by sysupdate from
+    # the local copy; the server's own count of bytes sent proves how little travelled.
+    assert f"rebuilt {V2} from chunks" in log and "falling back" not in log
+    served = m.server.sent
+    m.figures["delta_served_bytes"] = sum(served.values())
+    m.figures["delta_share"] = round(sum(served.values()) / full, 4)
+    assert not any(n.endswith((".usr.raw", ".efi")) for n in served), served
+    assert sum(served.values()) <= 0.05 * full, served
     assert f"Successfully installed update '{V2}'" in log
     assert f"{ID}_{V2}+{TRIES}-0.efi" in log  # the new UKI starts with its boot counter
 
@@ -277,10 +302,32 @@ def test_v3_fails_its_boot_assessment_and_v2_comes_back_by_itself(machine: Machi
     assert cat(sh, f"/var/lib/particle/etc/saved/{V3}/particle-test/changes.conf") is None
 
 
+def chunks_only_in(m: Machine, version: str) -> list[Path]:
+    """Stored chunks of `version`'s usr image that no other published version has."""
+    indexes = {p.name: ChunkIndex.read(p) for p in m.update_dir.glob(chunk_index_name("*.usr.raw"))}
+    mine = next(i for i in indexes.values() if i.file.startswith(f"{ID}_{version}_"))
+    others = set().union(*(i.digests() for i in indexes.values() if i is not mine))
+    return [chunk_path(m.update_dir, d) for d in sorted(mine.digests() - others)]
+
+
 def test_v4_installs_into_the_reused_slot_and_boots(machine: Machine) -> None:
     m = machine
     m.publish(V4)
-    m.switch_with("particle update --reboot")
+    # One chunk of the store is corrupt: the delta refuses it and the full download still
+    # lands v4 (the chunk is mended afterwards: later versions may share it).
+    bad = chunks_only_in(m, V4)[0]
+    good = bad.read_bytes()
+    bad.write_bytes(good[: len(good) // 2] + bytes(len(good) - len(good) // 2))
+    assert m.vm is not None
+    mark = len(m.vm.text())
+    try:
+        m.switch_with("particle update --reboot")
+    finally:
+        bad.write_bytes(good)
+    log = m.console_since(mark)
+    assert re.search(rf"delta update not possible: chunk {bad.stem[:12]}\.\.\. from the "
+                     r"store is corrupt .*; falling back to the full download", log), log[-3000:]
+    assert f"Successfully installed update '{V4}'" in log
     sh = m.sh
     assert sh is not None
     st = m.status()
@@ -333,26 +380,36 @@ def test_power_loss_during_an_update_never_leaves_an_unbootable_machine(
 ) -> None:
     m = machine
     m.publish(V5)
-    usr_size = m.builds(V5).artifacts[f"{ID}_{V5}.usr.raw"].stat().st_size
     uki_size = m.builds(V5).artifacts[f"{ID}_{V5}.efi"].stat().st_size
-    # 1. While the usr partition is written: the server stops at half of it.
-    hold = m.server.hold(".usr.raw", usr_size // 2)
+    # 1. While the new version is rebuilt from chunks: the server stops in the middle of the
+    # first chunk the guest fetches (earlier parts may be complete in the incoming directory).
+    hold = m.server.hold(".zz", 1)
     assert m.sh is not None
     m.sh.start("particle update")
-    assert hold.reached.wait(300), "the guest never got half of the usr image"
+    assert hold.reached.wait(600), "the guest never fetched a chunk"
     time.sleep(1)
     m.power_off()
     m.server.release_all()
-    assert f"{ID}_{V5}" not in _labels(m)  # a half-written slot is never labelled
+    assert f"{ID}_{V5}" not in _labels(m)  # nothing was written into a slot
     m.start()
     st = m.status()
     assert st["version"] == V2 and entry(st, V2)["booted"] and entry(st, V2)["default"]
     assert_nothing_else_bootable(st)
-    # 2. After the partitions, before the UKI: the server stops in the middle of the UKI.
+    # 2. The store is gone, so the update falls back to sysupdate's full download (and cleans
+    # up what cut 1 left); after the partitions, before the UKI, the server stops in the
+    # middle of the UKI.
+    store = m.update_dir / "chunks"
+    store.rename(store.with_name("chunks.hidden"))
     hold = m.server.hold(".efi", uki_size // 2)
-    assert m.sh is not None
+    assert m.sh is not None and m.vm is not None
+    mark = len(m.vm.text())
     m.sh.start("particle update")
-    assert hold.reached.wait(300), "the guest never started to download the UKI"
+    try:
+        assert hold.reached.wait(600), "the guest never started to download the UKI"
+        fallback = m.console_since(mark)
+    finally:
+        store.with_name("chunks.hidden").rename(store)
+    assert "falling back to the full download" in fallback, fallback[-2000:]
     time.sleep(1)
     m.power_off()
     m.server.release_all()
@@ -375,6 +432,7 @@ def test_power_loss_during_an_update_never_leaves_an_unbootable_machine(
     log = m.console_since(mark)
     m.power_off()
     assert ("removed an interrupted download" in log) == interrupted
+    assert f"rebuilt {V5} from chunks" in log
     # 4. During the /etc merge at v5's first boot, in the initrd (a few seconds after the
     # merge unit starts; where exactly it lands is noted): the next boot has a whole /etc.
     m.power_on_and_cut(r"Starting \S*particle-etc\.service", after=3)

@@ -32,7 +32,8 @@ MINIMAL_MODULES = {
     "struct", "subprocess", "sys", "tempfile", "textwrap", "threading", "time", "typing",
     "warnings", "binascii", "zlib", "math",
 }
-MY_MODULES = ("bootlog", "entries", "gpt", "pe", "status", "switch", "update", "versions")
+MY_MODULES = ("bootlog", "changes", "delta", "entries", "gpt", "pe", "status", "switch",
+              "update", "versions")
 
 
 @pytest.mark.parametrize("module", MY_MODULES)

@@ -119,12 +119,15 @@ def test_publish_names_index_and_content(tmp_path: Path) -> None:
     usr_uuid, verity_uuid = verity_uuids(rh)
     expected = {f"demo_1.0_{usr_uuid}.usr.raw", f"demo_1.0_{verity_uuid}.usr-verity.raw",
                 "demo_1.0.efi", "demo_1.0.manifest.json"}
+    # Each image also gets its chunk index (delta updates; see test_store.py).
+    expected |= {f"chunks.{n}.json" for n in expected if not n.endswith(".json")}
     index = read_sha256sums(srv / "SHA256SUMS")
     assert set(index) == expected
     for name, digest in index.items():
         assert hashlib.sha256((srv / name).read_bytes()).hexdigest() == digest
         assert (srv / name).stat().st_mode & 0o777 == 0o644
-    assert result.version == "1.0" and set(result.added) == expected
+    assert result.version == "1.0"
+    assert set(result.added) == {n for n in expected if not n.startswith("chunks.")}
     assert result.update_bytes == sum((build / f"demo_1.0{s}").stat().st_size
                                       for s in (".usr.raw", ".usr-verity.raw", ".efi"))
     assert not (srv / "demo_1.0.raw").exists()  # the disk image is not an update
@@ -229,6 +232,7 @@ def test_publish_cli(tmp_path: Path, repo: Path) -> None:
          "--keep", "2"], capture_output=True, text=True, check=False, cwd=repo)
     assert proc.returncode == 0, proc.stderr
     assert "published demo 3" in proc.stdout and "versions: 3" in proc.stdout
+    assert "chunks: 3 (3 new, " in proc.stdout  # usr, verity and UKI went into the store
     proc = subprocess.run(
         [sys.executable, "-m", "particleos", "publish", str(tmp_path / "nothing"),
          str(tmp_path / "srv")], capture_output=True, text=True, check=False, cwd=repo)

@@ -56,7 +56,6 @@ BASE_PACKAGES = (
     "e2fsprogs",
     "python3-minimal",
     "passwd",
-    "curl",  # the machine's HTTP client (registry updates, deltas): python3-minimal has none
 )
 # bookworm (systemd 252) ships repart and the cryptsetup/veritysetup generators inside the
 # systemd package itself.
@@ -114,6 +113,8 @@ def extra_packages(spec: Spec) -> list[str]:
     elif spec.signing.openpgp_key and source:
         wanted.append("gpg")  # systemd-pull checks SHA256SUMS.gpg with it (Verify=yes)
     wanted += encryption.packages(spec)  # libtss2 for repart and cryptsetup (encrypt = "tpm2")
+    if spec.update.source:
+        wanted.append("curl")  # the machine's HTTP client (delta chunks, registries)
     for p in spec.packages.install:
         if p not in base and p not in wanted:
             wanted.append(p)

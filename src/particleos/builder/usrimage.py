@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 
 from .. import runner  # noqa: F401  (kept for symmetry: every tool goes through the runner)
+from ..store.layout import erofs_layout_options
 from .context import BuildContext
 
 SOURCE_DATE_EPOCH = "0"
 BLOCK = 4096  # dm-verity's data block size
+
 
 
 def usr_image(ctx: BuildContext) -> None:
@@ -20,10 +22,8 @@ def usr_image(ctx: BuildContext) -> None:
     env = {"SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH}
     if img.filesystem == "erofs":
         argv = ["mkfs.erofs", "--quiet", "-T", SOURCE_DATE_EPOCH, "--all-root",
-                "-U", str(ctx.stable_uuid("usr-fs"))]
-        if img.compression and img.compression != "none":
-            argv.append(f"-z{img.compression}")
-        argv += [str(out), str(usr)]
+                "-U", str(ctx.stable_uuid("usr-fs")), *erofs_layout_options(img.compression),
+                str(out), str(usr)]
     else:
         argv = ["mksquashfs", str(usr), str(out), "-noappend", "-all-root", "-quiet",
                 "-no-progress", "-mkfs-time", SOURCE_DATE_EPOCH, "-all-time", SOURCE_DATE_EPOCH]

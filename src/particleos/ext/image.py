@@ -17,6 +17,7 @@ from uuid import UUID
 
 from .. import disk, formats
 from ..disk import ATTR_READ_ONLY, Partition, PartType, align_up
+from ..store.layout import erofs_layout_options
 from ..tools import ToolsTree
 from ..verity import format_verity, verity_uuids
 
@@ -48,10 +49,8 @@ def make_filesystem(
     as the base's /usr is built; extended attributes such as file capabilities are kept)."""
     if filesystem == "erofs":
         argv = ["mkfs.erofs", "--quiet", "-T", SOURCE_DATE_EPOCH, "--all-root",
-                "-U", str(stable_uuid(label, "fs"))]
-        if compression and compression != "none":
-            argv.append(f"-z{compression}")
-        argv += [str(out), str(usr)]
+                "-U", str(stable_uuid(label, "fs")), *erofs_layout_options(compression),
+                str(out), str(usr)]
     else:
         argv = ["mksquashfs", str(usr), str(out), "-noappend", "-all-root", "-quiet",
                 "-no-progress", "-mkfs-time", SOURCE_DATE_EPOCH, "-all-time", SOURCE_DATE_EPOCH]

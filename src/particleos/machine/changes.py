@@ -93,7 +93,7 @@ class Changes:
             "download_bytes": self.download_bytes,
         }
 
-    def render(self) -> str:
+    def render(self, download: bool = True) -> str:
         lines = [f"{self.old} -> {self.new}"]
         if self.kernel:
             lines.append(f"kernel: {self.kernel[0]} -> {self.kernel[1]}")
@@ -107,7 +107,8 @@ class Changes:
                 lines += [f"  {name} {a} -> {b}" for name, (a, b) in sorted(pairs.items())]
         if self.empty:
             lines.append("no package changes")
-        lines.append(f"full update download: {self.download_bytes / 2**20:.1f} MiB")
+        if download:
+            lines.append(f"full update download: {self.download_bytes / 2**20:.1f} MiB")
         return "\n".join(lines)
 
 

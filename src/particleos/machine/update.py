@@ -10,13 +10,17 @@ variable is pinned, so the next update still becomes the default as usual.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
-from . import bootlog, gpt, registry, status, switch
+from ..formats import Manifest, chunk_index_name
+from . import bootlog, changes, delta, gpt, registry, status, switch, sysext
 from . import entries as boot_entries
 from .cli import MachineError
 from .entries import Entry
@@ -73,9 +77,10 @@ def _automatic_update_running() -> bool:
     return proc.returncode == 0
 
 
-def check(running: str) -> str:
+def check(running: str) -> dict[str, Any]:
     """What a newer version would be: asks sysupdate (or the registry's tags) for every version
-    it knows and the boot entries for what is already installed."""
+    it knows and the boot entries for what is already installed; for a version to install,
+    what it costs (delta and full download) and its package changes."""
     if registry.is_oci(status.update_source()):
         newest = registry.newest_version(running) or running
     else:
@@ -88,15 +93,210 @@ def check(running: str) -> str:
             raise MachineError(f"checking for updates failed:\n{proc.stderr.strip()}")
         versions = sorted((str(v) for v in listed.get("all") or []), key=version_key)
         newest = versions[-1] if versions else running
+    result: dict[str, Any] = {"running": running, "newest": newest}
     if vercmp(newest, running) <= 0:
-        return f"up to date: {running} is the newest version"
+        return result | {"state": "up-to-date",
+                         "message": f"up to date: {running} is the newest version"}
     _, found = _entries()
     installed = next((e for e in found if e.version == newest), None)
     if installed is None:
-        return f"update available: {newest} (running {running})"
+        result |= {"state": "available",
+                   "message": f"update available: {newest} (running {running})"}
+        result |= _preview(running, newest)
+        return result
     if installed.state == "bad":
-        return f"up to date: {running}; {newest} is installed but failed its boot assessment"
-    return f"{newest} is installed and boots next (running {running})"
+        return result | {"state": "bad", "message": f"up to date: {running}; {newest} is "
+                         "installed but failed its boot assessment"}
+    return result | {"state": "installed",
+                     "message": f"{newest} is installed and boots next (running {running})"}
+
+
+def _preview(running: str, newest: str) -> dict[str, Any]:
+    """Download sizes and package changes of an update to `newest` (what can be known: a
+    source without a store or manifests gives less, never an error)."""
+    ctx = _delta_setup()
+    if ctx is None or registry.is_oci(ctx[0].base):
+        return {}  # registries: the version and nothing more, for now
+    source, image_id, verify, _ = ctx
+    work = Path("/run/particle-check")
+    out: dict[str, Any] = {}
+    _clean_dir(work)
+    work.mkdir(mode=0o700, parents=True)
+    try:
+        sums = delta.read_published(source, work, verify)
+        files = delta.version_files(sums, image_id).get(newest)
+        if files:
+            o = delta.Offer(newest, files, sums)
+            p = delta.preview(o, source, _held(image_id), work)
+            out["download"] = {"delta_bytes": p.delta, "full_bytes": p.full, "seeds": p.seeds,
+                               "store": p.delta != p.full or bool(p.seeds)}
+        new = _manifest(image_id, newest, sums, source, work)
+        old = _manifest(image_id, running, sums, source, work) or _running_manifest(image_id,
+                                                                                 running)
+        if new is not None and old is not None:
+            out["changes"] = changes.compare(old, new).to_json()
+    except delta.DeltaError as err:
+        out["note"] = f"no details: {err}"
+    finally:
+        _clean_dir(work)
+    return out
+
+
+def _manifest(image_id: str, version: str, sums: dict[str, str], source: delta.Source,
+              work: Path) -> Manifest | None:
+    """A version's build manifest: kept on this machine, else published (digest-checked)."""
+    name = f"{image_id}_{version}{delta.MANIFEST_SUFFIX}"
+    try:
+        return Manifest.from_json((delta.KEPT / name).read_text())
+    except (OSError, ValueError):
+        pass
+    if name not in sums:
+        return None
+    try:
+        return Manifest.from_json(delta.fetch_verified(source, name, sums[name], work).decode())
+    except (delta.DeltaError, ValueError):
+        return None
+
+
+def _running_manifest(image_id: str, running: str) -> Manifest | None:
+    """The running version's packages from its factory dpkg status (in /usr, so its own)."""
+    try:
+        text = delta.FACTORY_DPKG_STATUS.read_text()
+    except OSError:
+        return None
+    return Manifest(id=image_id, version=running, release="", architecture="",
+                    kernel=os.uname().release, usr_filesystem="", root_hash="",
+                    packages=delta.packages_from_dpkg_status(text))
+
+
+def render_check(result: dict[str, Any]) -> str:
+    lines = [str(result["message"])]
+    dl = result.get("download")
+    if dl:
+        if dl["store"]:
+            lines.append(f"download: {delta.mib(dl['delta_bytes'])} as a delta (full download "
+                         f"{delta.mib(dl['full_bytes'])}; from {', '.join(dl['seeds']) or 'none'})")
+        else:
+            lines.append(f"download: {delta.mib(dl['full_bytes'])} (no chunk store at the "
+                         "source: full download)")
+    ch = result.get("changes")
+    if ch:
+        c = changes.Changes(ch["old"], ch["new"], ch["added"], ch["removed"],
+                            {k: (v[0], v[1]) for k, v in ch["upgraded"].items()},
+                            {k: (v[0], v[1]) for k, v in ch["downgraded"].items()},
+                            tuple(ch["kernel"]) if ch["kernel"] else None)
+        lines += c.render(download=False).splitlines()
+    if result.get("note"):
+        lines.append(str(result["note"]))
+    return "\n".join(lines)
+
+
+def _delta_setup() -> tuple[delta.Source, str, bool, bool] | None:
+    """(source, image id, verify the index, signed /usr) from the image's transfer files."""
+    source = status.update_source()
+    if source is None:
+        return None
+    image_id = boot_entries.os_release_fields(status.OS_RELEASE.read_text()).get("IMAGE_ID", "")
+    verify = signed = False
+    for d in status.SYSUPDATE_DIRS:
+        for f in sorted(d.glob("*.transfer")) if d.is_dir() else []:
+            signed = signed or "usr-verity-sig" in f.name
+            verify = verify or any(line.strip() == "Verify=yes"
+                                   for line in f.read_text().splitlines())
+    return delta.Source(source), image_id, verify, signed
+
+
+def _held(image_id: str) -> list[delta.Held]:
+    """The files of versions this machine holds: the usr slots (running one first, read raw up
+    to the image's size) and the UKIs on the ESP."""
+    disk = _disk()
+    under = {n for _, n in gpt.partitions_under(gpt.block_of("/usr"))}
+    slots = status.slots_from_gpt(gpt.read_disk_gpt(disk), image_id)
+    slots.sort(key=lambda s: s.usr.number not in under)
+    held = [delta.Held(f"{image_id}_{s.version}_{s.usr.uuid}.usr.raw",
+                       gpt.partition_device(disk, s.usr.number), f"slot {s.name} ({s.version})")
+            for s in slots if s.version]
+    # The hash trees too: leaf hashes of /usr blocks that did not change stay the same.
+    held += [delta.Held(f"{image_id}_{s.version}_{s.verity.uuid}.usr-verity.raw",
+                        gpt.partition_device(disk, s.verity.number),
+                        f"hash tree {s.name} ({s.version})")
+             for s in slots if s.version and s.verity is not None]
+    _, found = _entries()
+    held += [delta.Held(f"{image_id}_{e.version}.efi", str(e.path), f"UKI {e.version}")
+             for e in found]
+    return held
+
+
+def _clean_dir(path: Path) -> None:
+    for root, dirs, names in os.walk(path, topdown=False) if path.exists() else []:
+        for n in names:
+            os.unlink(os.path.join(root, n))
+        for d in dirs:
+            os.rmdir(os.path.join(root, d))
+    if path.exists():
+        os.rmdir(path)
+
+
+def _extension_transfers() -> bool:
+    """Whether installed extensions have transfers of their own: sysupdate's full download
+    runs them with the base's; the local install of a delta does not."""
+    d = sysext.TRANSFER_DIR
+    return d.is_dir() and any(p.name.startswith(sysext.TRANSFER_PREFIX)
+                              for p in d.glob("*.transfer"))
+
+
+def install_by_delta(running: str) -> bool:
+    """Install the newest version from chunks this machine has plus those the source's store
+    holds. False when sysupdate's own download has to do it: nothing newer, no store, or the
+    delta failed (said in one line; nothing of it is installed)."""
+    ctx = _delta_setup()
+    if ctx is None:
+        return False
+    source, image_id, verify, signed = ctx
+    delta.clean_incoming()
+    work = delta.INCOMING / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        o = delta.offer(source, image_id, running, verify=verify, signed=signed, work=work)
+        _, found = _entries()
+        if o is None or any(e.version == o.version for e in found):
+            return False
+        if _extension_transfers():
+            print("extensions installed: downloading the whole version (delta updates do not "
+                  "cover extensions yet)", flush=True)
+            return False
+        if not any(chunk_index_name(n) in o.sums for n in o.files.values()):
+            print(f"no chunk store at {source.base} for {o.version}: downloading it whole",
+                  flush=True)
+            return False
+        started = time.monotonic()
+        staged = delta.stage(o, source, _held(image_id), lambda m: print(m, flush=True))
+    except delta.DeltaError as err:
+        print(f"delta update not possible: {err}; falling back to the full download",
+              flush=True)
+        delta.clean_incoming()
+        return False
+    share = 100 * staged.fetched / staged.full if staged.full else 0
+    print(f"rebuilt {staged.version} from chunks: downloaded {delta.mib(staged.fetched)} of "
+          f"{delta.mib(staged.full)} ({share:.1f} %) in {time.monotonic() - started:.0f} s; "
+          "installing", flush=True)
+    try:
+        install_local()
+    except MachineError as err:
+        print(f"installing the rebuilt files failed ({err}); falling back to the full "
+              "download", flush=True)
+        return False
+    finally:
+        delta.clean_incoming()
+    for name, data in staged.keep.items():
+        with contextlib.suppress(OSError):
+            delta.keep_file(name, data)
+    _, after = _entries()
+    here = {e.version for e in after} | {
+        s.version for s in status.slots_from_gpt(gpt.read_disk_gpt(_disk()), image_id)
+        if s.version}
+    delta.prune_kept(here, image_id)
+    return True
 
 
 def running_unproven(found: list[Entry], running: str) -> str | None:
@@ -117,7 +317,11 @@ def cmd_update(args: argparse.Namespace) -> int:
     _require_definitions()
     running = _running_version()
     if args.check:
-        print(check(running))
+        result = check(running)
+        if args.json or args.update_json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(render_check(result))
         return 0
     with open(LOCK, "w") as lock:
         try:
@@ -141,7 +345,7 @@ def cmd_update(args: argparse.Namespace) -> int:
         if registry.is_oci(status.update_source()):  # particle fetches and verifies, then
             if registry.fetch(running, {e.version for e in before}, INCOMING):  # sysupdate
                 install_local()
-        else:
+        elif not install_by_delta(running):
             install_from_source()
     _, found = _entries()
     default = next((e for e in found if e.default), None)
@@ -292,7 +496,11 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("update", help="download and install the newest version (sysupdate)")
-    p.add_argument("--check", action="store_true", help="only say whether a newer version exists")
+    p.add_argument("--check", action="store_true",
+                   help="only say whether a newer version exists, what it downloads (delta "
+                        "and full) and which packages change")
+    p.add_argument("--json", dest="update_json", action="store_true",
+                   help="with --check: machine-readable output")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--reboot", action="store_true", help="reboot into it when installed")
     how.add_argument("--soft", action="store_true",

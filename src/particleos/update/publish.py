@@ -3,8 +3,11 @@ reads (over http(s), or as a local directory).
 
 Order of operations, so that a client never sees an index naming a missing or half-written
 file: the new files are copied under their final names first (unlisted files are ignored),
-then SHA256SUMS (and its signature, when a signer is given) is replaced atomically, and only
-then are the files of versions dropped by `keep` deleted.
+then (unless chunks=False) the chunks of the usr image, its verity tree, the UKI and the
+extension images go into the chunk store (`chunks/`, see particleos.store) and their chunk
+indexes are written, then SHA256SUMS (and its signature, when a signer is given) is replaced
+atomically, and only then are the files of versions dropped by `keep` deleted and the chunks
+no listed index names collected. All of it under one lock per directory.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from ..errors import ParticleError
 from ..formats import (
     SHA256SUMS,
     build_manifests,
+    chunk_index_file,
+    chunk_index_name,
     format_sha256sums,
     read_sha256sums,
     sha256_file,
@@ -30,6 +35,7 @@ from ..formats import (
     verity_sig_uuid,
 )
 from ..machine.versions import version_key
+from ..store.store import GcStats, PutStats, collect_garbage, index_names, put_file
 from .transfer import UKI, USR, VERITY, VERITY_SIG, Part, served_name
 
 INDEX = SHA256SUMS
@@ -49,6 +55,8 @@ class PublishResult:
     update_bytes: int = 0  # what a machine downloads for this version
     removed_versions: list[str] = field(default_factory=list)
     versions: list[str] = field(default_factory=list)  # published after this run, oldest first
+    chunked: list[PutStats] = field(default_factory=list)  # files put into the chunk store
+    gc: GcStats | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,7 @@ class BuiltVersion:
     image_id: str
     version: str
     files: dict[str, Path]  # served name -> build output
+    chunkable: tuple[str, ...] = ()  # served names that go into the chunk store
 
 
 def find_version(build_dir: Path, version: str | None = None) -> BuiltVersion:
@@ -91,11 +100,15 @@ def find_version(build_dir: Path, version: str | None = None) -> BuiltVersion:
         if not src.is_file():
             raise ParticleError(f"{build_dir}: extension {src.name} is missing; rebuild it")
         files[src.name] = src
-    return BuiltVersion(manifest.id, version, files)
+    chunkable = tuple(n for n in files if not n.endswith((".manifest.json",
+                                                           VERITY_SIG.suffix)))
+    return BuiltVersion(manifest.id, version, files, chunkable)
 
 
 def version_of(name: str, image_id: str) -> str | None:
-    """The version in a published file name of `image_id` (`ID_VERSION[_UUID].suffix`)."""
+    """The version in a published file name of `image_id` (`ID_VERSION[_UUID].suffix`, or a
+    chunk index `chunks.that.json`)."""
+    name = chunk_index_file(name) or name
     if not name.startswith(f"{image_id}_"):
         return None
     rest = name[len(image_id) + 1 :]
@@ -113,8 +126,10 @@ def publish(
     keep: int | None = None,
     version: str | None = None,
     sign: Signer | None = None,
+    chunks: bool = True,
 ) -> PublishResult:
-    """Copy one built version into `update_dir`, rewrite its index, keep the newest `keep`."""
+    """Copy one built version into `update_dir`, put it into the chunk store (`chunks`),
+    rewrite its index, keep the newest `keep`."""
     if keep is not None and keep < 1:
         raise ParticleError(f"--keep {keep}: keep at least 1 version")
     built = find_version(build_dir, version)
@@ -132,6 +147,18 @@ def publish(
             index[name] = digest
             if not name.endswith(".manifest.json"):
                 result.update_bytes += src.stat().st_size
+        if chunks:
+            for name in built.chunkable:
+                iname = chunk_index_name(name)
+                if iname in index and (update_dir / iname).is_file():
+                    continue  # this very file was chunked before (a version never changes)
+                chunk_index, stats = put_file(update_dir, update_dir / name, name)
+                data = chunk_index.to_bytes()
+                with atomic_file(update_dir / iname) as tmp:
+                    tmp.write_bytes(data)
+                    tmp.chmod(0o644)
+                index[iname] = hashlib.sha256(data).hexdigest()
+                result.chunked.append(stats)
         versions = sorted(
             {v for n in index if (v := version_of(n, built.image_id))}, key=version_key
         )
@@ -149,6 +176,9 @@ def publish(
             with contextlib.suppress(FileNotFoundError):
                 (update_dir / name).unlink()
         fsync_path(update_dir)
+        # Only now, with the new index in place: chunks that no listed index names (of the
+        # versions just dropped, or left by an interrupted run) go.
+        result.gc = collect_garbage(update_dir, index_names(set(index)))
         result.removed_versions = dropped
         result.versions = [v for v in versions if v not in dropped]
     return result
