@@ -16,8 +16,11 @@ from .hermetic import copy_boot_files
 def verity(ctx: BuildContext) -> None:
     assert ctx.usr_image is not None
     out = ctx.work_dir / "usr-verity.img"
-    # Deterministic salt and superblock UUID: the same /usr gives the same root hash.
-    salt = hashlib.sha256(f"particleos-salt:{ctx.name}".encode()).digest()
+    # Deterministic salt and superblock UUID: the same /usr gives the same root hash. The salt
+    # is the image's, not the version's (as repart derives it from a per-image seed): hash
+    # blocks over unchanged data then stay the same between versions, and a delta update
+    # fetches only the changed part of the tree (with a per-version salt: all 0.8 MiB of it).
+    salt = hashlib.sha256(f"particleos-salt:{ctx.image_id}".encode()).digest()
     result = format_verity(ctx.usr_image, out, salt=salt, uuid=ctx.stable_uuid("verity-sb"))
     ctx.verity_image = out
     ctx.root_hash = result.root_hash

@@ -40,8 +40,10 @@ IN_FLIGHT = 64  # chunks being compressed at once (bounds memory: 64 x max chunk
 
 def params_for(name: str) -> dict[str, Any]:
     """Chunker parameters by published file: small chunks for file system images (the usr
-    image, extension images), the default for the UKI and the verity tree."""
-    if name.endswith((".efi", ".usr-verity.raw", ".usr-verity-sig.raw")):
+    image, extension images) and the verity tree (a changed data block changes 32 bytes of
+    it: v1 -> v1 + htop, 0.56 MiB new at 4/16/64 KiB against 0.81 at 16/64/256), the
+    default for the UKI."""
+    if name.endswith((".efi", ".usr-verity-sig.raw")):
         return dict(CDC_DEFAULT)
     return dict(CDC_FILESYSTEM)
 
