@@ -212,19 +212,21 @@ def test_v1_boots_and_updates_to_v2_in_the_other_slot(machine: Machine) -> None:
     m.figures["update_bytes"] = full = m.publish(V2)
     check = sh.out("particle update --check")
     assert f"update available: {V2} (running {V1})" in check
-    # The preview names the delta (from v1's slot and UKI) and the full size; v1 and v2 differ
-    # only in /etc files, so no package changes.
+    # The preview names the delta (from v1's slot and UKI), the full size, and the package v2
+    # adds (htop, with what it pulls in).
     found = re.search(r"download: ([\d.]+) MiB as a delta \(full download ([\d.]+) MiB; "
                       rf"from slot A \({re.escape(V1)}\), .*UKI {re.escape(V1)}\)", check)
     assert found, check
     assert abs(float(found.group(2)) - full / 2**20) < 0.1
-    assert "no package changes" in check
+    assert re.search(r"^added \(\d+\):\s*$", check, re.M), check
+    assert re.search(r"^ +htop \S+\s*$", check, re.M), check
     preview = sh.json("particle update --check --json")
     assert preview["state"] == "available" and preview["newest"] == V2
     assert preview["download"]["full_bytes"] == full
     assert preview["download"]["seeds"] == [f"slot A ({V1})", f"hash tree A ({V1})",
                                             f"UKI {V1}"]
-    assert preview["changes"]["added"] == {} and preview["changes"]["removed"] == {}
+    assert "htop" in preview["changes"]["added"] and preview["changes"]["removed"] == {}
+    assert preview["changes"]["upgraded"] == {}
     m.figures["check_delta_bytes"] = preview["download"]["delta_bytes"]
     assert m.vm is not None
     mark = len(m.vm.text())
