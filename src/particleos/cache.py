@@ -10,7 +10,7 @@ import re
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -76,6 +76,30 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             fsync_path(final.parent)
         finally:
             remove_tree(tmp)
+
+
+@contextlib.contextmanager
+def cache_entry(final: Path, ready: Callable[[Path], bool]) -> Iterator[Path | None]:
+    """One maker per cache entry: yields None when `final` is ready (at once, or after
+    waiting for another process that was making it), else a temporary directory that becomes
+    `final` when the block succeeds (`atomic_dir`). Without the wait, two builds that miss the
+    same entry both make it, and the second replaces it while the first copies from it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if ready(final):
+        yield None
+        return
+    # A plain flock file next to the entry; never removed (unlinking a lock file races).
+    fd = os.open(final.with_name(f".{final.name}.making"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if ready(final):
+            yield None
+            return
+        with atomic_dir(final) as tmp:
+            yield tmp
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

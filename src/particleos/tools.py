@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from . import runner
-from .cache import atomic_dir, cache_root
+from .cache import cache_entry, cache_root
 from .ui import ui
 
 TOOLS_RELEASE = "trixie"
@@ -101,10 +101,15 @@ class ToolsTree:
         self.path = (where or cache_root() / "tools") / f"{TOOLS_RELEASE}-{key}"
 
     def ensure(self) -> Path:
-        if (self.path / self.marker).exists():
-            ui.debug(f"tools tree: {self.path} (cache hit)")
-            return self.path
-        with ui.step("Preparing the tools tree (once)"), atomic_dir(self.path) as tmp:
+        with cache_entry(self.path, lambda p: (p / self.marker).exists()) as tmp:
+            if tmp is None:
+                ui.debug(f"tools tree: {self.path} (cache hit)")
+                return self.path
+            self._make(tmp)
+        return self.path
+
+    def _make(self, tmp: Path) -> None:
+        with ui.step("Preparing the tools tree (once)"):
             runner.run(
                 [
                     "mmdebstrap", "--variant=apt", "--mode=root",
@@ -116,7 +121,6 @@ class ToolsTree:
                 ],
                 what="mmdebstrap of the tools tree",
             )
-        return self.path
 
     def run(
         self,

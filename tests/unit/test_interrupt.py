@@ -110,3 +110,34 @@ def test_sweep_removes_only_what_a_dead_build_left(tmp_path: Path) -> None:
     assert removed == [p for p in held if not p.endswith((".lock", "-without-lock"))]
     assert leftovers(cache) == ["work/old-build-without-lock"]
     assert sweep_stale(cache) == []
+
+
+def test_a_cache_entry_is_made_once_while_others_wait(tmp_path: Path) -> None:
+    """Two builds that miss the same entry: the second waits for the first and uses what it
+    made instead of making it again and replacing it under the first one's feet."""
+    import threading
+
+    from particleos.cache import cache_entry
+
+    final = tmp_path / "trees" / "t1"
+    made: list[str] = []
+    started = threading.Event()
+
+    def build(name: str) -> None:
+        with cache_entry(final, lambda p: (p / "usr").is_dir()) as tmp:
+            if tmp is None:
+                return
+            started.set()
+            time.sleep(0.5)  # the other build arrives meanwhile
+            (tmp / "usr").mkdir(parents=True)
+            (tmp / "usr/maker").write_text(name)
+            made.append(name)
+
+    first = threading.Thread(target=build, args=("first",))
+    first.start()
+    assert started.wait(5)
+    build("second")  # blocks until the first is done, then finds the entry ready
+    first.join()
+    assert made == ["first"]
+    assert (final / "usr/maker").read_text() == "first"
+    assert sorted(p.name for p in final.parent.iterdir()) == [".t1.making", "t1"]

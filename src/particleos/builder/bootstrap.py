@@ -29,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 
 from .. import runner
-from ..cache import atomic_dir, cache_root, remove_tree
+from ..cache import cache_entry, cache_root, remove_tree
 from ..errors import ParticleError
 from ..spec import Spec
 from ..tools import run_in_root
@@ -181,12 +181,14 @@ def bootstrap(ctx: BuildContext) -> None:
     tree_key = _digest({"v": BOOTSTRAP_VERSION, "base": base.name, "install": extras,
                         "remove": remove})
     cached = cache_root() / "trees" / f"{spec.system.release}-{tree_key}"
-    ctx.cache_hit = (cached / "usr").is_dir()
+    with cache_entry(cached, lambda p: (p / "usr").is_dir()) as tmp:
+        ctx.cache_hit = tmp is None
+        if tmp is not None:
+            _make_tree(ctx, base, tmp, extras, remove)
     if ctx.cache_hit:
         path = "tree cache hit"
         ui.debug(f"bootstrap: tree {cached}")
     else:
-        _make_tree(ctx, base, cached, extras, remove)
         what = f"{len(extras)} package{'s' if len(extras) != 1 else ''} with apt"
         if remove:
             what += f", {len(remove)} removed"
@@ -238,19 +240,21 @@ def _ensure_base(ctx: BuildContext) -> tuple[Path, str]:
             return known[-1], "offline"
         state = "unknown"  # mmdebstrap below says what is wrong with the mirror
     base = bases / f"{s.release}-{static}-{state}"
-    if (base / "root/usr").is_dir():
-        ui.debug(f"bootstrap: base cache hit ({base.name})")
-        return base, "cached"
-    _make_base(ctx, base)
+    with cache_entry(base, lambda p: (p / "root/usr").is_dir()) as tmp:
+        if tmp is None:
+            ui.debug(f"bootstrap: base cache hit ({base.name})")
+            return base, "cached"
+        _make_base(ctx, tmp)
     return base, "made"
 
 
-def _make_base(ctx: BuildContext, final: Path) -> None:
+def _make_base(ctx: BuildContext, tmp: Path) -> None:
+    """mmdebstrap into `tmp` (which becomes the cache entry when this succeeds)."""
     s = ctx.spec.system
     archives = _archives(s.release)
     packages = base_packages(ctx.spec)
     with ui.step(f"Bootstrapping the base: {len(packages)} packages from {s.release} "
-                 "(mmdebstrap)"), atomic_dir(final) as tmp:
+                 "(mmdebstrap)"):
         tmp.mkdir()
         lists = tmp / "lists"
         argv: list[str] = [
@@ -272,11 +276,11 @@ def _make_base(ctx: BuildContext, final: Path) -> None:
         runner.run(argv, what="mmdebstrap", env=NO_INITRD)
 
 
-def _make_tree(ctx: BuildContext, base: Path, final: Path, extras: list[str],
+def _make_tree(ctx: BuildContext, base: Path, tmp: Path, extras: list[str],
                remove: list[str]) -> None:
+    """The base plus the spec's packages, in `tmp` (which becomes the cache entry)."""
     release = ctx.spec.system.release
-    with ui.step(f"Installing {len(extras)} package(s) on the base (apt)"), \
-            atomic_dir(final) as tmp:
+    with ui.step(f"Installing {len(extras)} package(s) on the base (apt)"):
         runner.run(["cp", "-a", "--reflink=auto", str(base / "root"), str(tmp)],
                    what="copy of the base")
         lists = tmp / "var/lib/apt/lists"
@@ -322,16 +326,19 @@ def _initrds(ctx: BuildContext, kernels: list[str]) -> bool:
     assert ctx.tree is not None
     cached = cache_root() / "initrds" / ctx.tree_key
     names = [f"initrd.img-{k}" for k in kernels]
-    if all((cached / n).is_file() for n in names):
-        for n in names:
-            runner.run(["cp", str(cached / n), str(ctx.tree / "boot" / n)], what="copy of initrd")
-        return True
-    with ui.step("Making the initrd (dracut)"), atomic_dir(cached) as tmp:
-        tmp.mkdir()
-        for k, n in zip(kernels, names, strict=True):
-            run_in_root(ctx.tree, ["dracut", "-q", "--force", "--compress", DRACUT_COMPRESS,
-                                   "--kver", k, f"/boot/{n}"], what=f"dracut {k}")
-            runner.run(["cp", str(ctx.tree / "boot" / n), str(tmp / n)], what="copy of initrd")
+    with cache_entry(cached, lambda p: all((p / n).is_file() for n in names)) as tmp:
+        if tmp is None:
+            for n in names:
+                runner.run(["cp", str(cached / n), str(ctx.tree / "boot" / n)],
+                           what="copy of initrd")
+            return True
+        with ui.step("Making the initrd (dracut)"):
+            tmp.mkdir()
+            for k, n in zip(kernels, names, strict=True):
+                run_in_root(ctx.tree, ["dracut", "-q", "--force", "--compress", DRACUT_COMPRESS,
+                                       "--kver", k, f"/boot/{n}"], what=f"dracut {k}")
+                runner.run(["cp", str(ctx.tree / "boot" / n), str(tmp / n)],
+                           what="copy of initrd")
     return False
 
 
