@@ -23,6 +23,7 @@ from particleos.builder import BuildResult
 from particleos.disk import PartType, read_table
 from particleos.vm import VM, VMOptions
 
+from .chain import chain_step
 from .conftest import BuildFn
 from .guestshell import GuestShell
 
@@ -64,13 +65,7 @@ def machine(build_image: BuildFn, tmp_path_factory: pytest.TempPathFactory) -> I
 
 @pytest.fixture(autouse=True)
 def chained(machine: Machine, request: pytest.FixtureRequest) -> Iterator[None]:
-    """Each boot continues from the previous one's disk: after a failure, skip the rest."""
-    if machine.failed:
-        pytest.skip(f"the disk is in an unknown state since {machine.failed} failed")
-    failed_before = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed_before:
-        machine.failed = request.node.name
+    yield from chain_step(machine, request)
 
 
 def test_image_has_no_root_partition(machine: Machine) -> None:

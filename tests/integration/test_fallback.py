@@ -39,6 +39,7 @@ from particleos.tools import ToolsTree
 from particleos.update.publish import publish
 from particleos.vm import VM, VMOptions
 
+from .chain import chain_step
 from .conftest import BuildFn
 from .guestshell import GuestShell
 from .relay import user_nic
@@ -154,12 +155,7 @@ def machine(build_image: BuildFn, tmp_path_factory: pytest.TempPathFactory) -> I
 
 @pytest.fixture(autouse=True)
 def chained(machine: Machine, request: pytest.FixtureRequest) -> Iterator[None]:
-    if machine.failed:
-        pytest.skip(f"the machine is in an unknown state since {machine.failed} failed")
-    failed_before = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed_before:
-        machine.failed = request.node.name
+    yield from chain_step(machine, request)
 
 
 def usr_partition_offset(disk: Path, version: str) -> int:

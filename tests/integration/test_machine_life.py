@@ -25,6 +25,7 @@ from particleos.builder import BuildResult
 from particleos.machine.reset import VARIABLE
 from particleos.vm import VM, VMOptions
 
+from .chain import chain_step
 from .conftest import BuildFn
 from .guestshell import GuestShell
 
@@ -91,13 +92,7 @@ def life(build_image: BuildFn, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 @pytest.fixture(autouse=True)
 def chained(life: Life, request: pytest.FixtureRequest) -> Iterator[None]:
-    """Each test starts where the previous one left the machine: after a failure, skip."""
-    if life.failed:
-        pytest.skip(f"the machine is in an unknown state since {life.failed} failed")
-    failed_before = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed_before:
-        life.failed = request.node.name
+    yield from chain_step(life, request)
 
 
 def root_fills_disk(sh: GuestShell, disk: str) -> dict[str, int]:

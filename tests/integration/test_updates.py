@@ -28,6 +28,7 @@ from particleos.update.publish import publish
 from particleos.verity import verity_uuids
 from particleos.vm import VM, VMOptions
 
+from .chain import chain_step
 from .conftest import BuildFn
 from .guestshell import GuestShell
 from .relay import user_nic
@@ -134,13 +135,7 @@ def machine(build_image: BuildFn, tmp_path_factory: pytest.TempPathFactory) -> I
 
 @pytest.fixture(autouse=True)
 def chained(machine: Machine, request: pytest.FixtureRequest) -> Iterator[None]:
-    """Each test starts from the state the previous one left: after a failure, skip the rest."""
-    if machine.failed:
-        pytest.skip(f"the machine is in an unknown state since {machine.failed} failed")
-    failed_before = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed_before:
-        machine.failed = request.node.name
+    yield from chain_step(machine, request)
 
 
 def entry(st: dict[str, Any], version: str) -> dict[str, Any]:

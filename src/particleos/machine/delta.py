@@ -37,7 +37,9 @@ from ..formats import (
     chunk_relpath,
     decode_chunk,
     parse_sha256sums,
+    sha256_file,
 )
+from .files import fsync_dir, write_atomic
 from .versions import vercmp, version_key
 
 STATE = Path("/var/lib/particle")
@@ -345,14 +347,6 @@ def reconstruct(target: ChunkIndex, want_sha256: str, dest: Path,
     return result
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def store_fetcher(source: Source, work: Path, say: Say,
                   batch_bytes: int = BATCH_BYTES) -> ChunkFetcher:
     """Fetch chunks from the source's store in batches (one curl process each), yielding
@@ -395,14 +389,7 @@ def kept_index(name: str) -> ChunkIndex | None:
 
 def keep_file(name: str, data: bytes) -> None:
     """Keep an index or manifest of a version this machine holds (temp, fsync, rename)."""
-    KEPT.mkdir(parents=True, exist_ok=True)
-    tmp = KEPT / f".{name}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, KEPT / name)
-    fsync_dir(KEPT)
+    write_atomic(KEPT / name, data)
 
 
 def prune_kept(versions_here: set[str], image_id: str) -> None:
@@ -602,14 +589,6 @@ def stage(o: Offer, source: Source, held: list[Held], say: Say) -> Staged:
     with contextlib.suppress(OSError):
         os.rmdir(work)
     return staged
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def clean_incoming() -> None:

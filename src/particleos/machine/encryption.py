@@ -20,6 +20,7 @@ from typing import Any
 
 from . import gpt
 from .cli import MachineError
+from .files import write_atomic
 
 SYS_BLOCK = Path("/sys/class/block")
 LUKS2_MAGIC = b"LUKS\xba\xbe"
@@ -97,24 +98,6 @@ def render_root(st: dict[str, Any]) -> str:
             + ("" if st["recovery_key"] else "; no recovery key yet"))
 
 
-def _write_secret(path: Path, text: str) -> None:
-    """Write `text` to `path` readable by root only, atomically (temp, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.particle-tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def enroll_recovery_key(device: str) -> str:
     """A new recovery key for `device`, unlocked through the TPM2; every older one wiped."""
     argv = [CRYPTENROLL, "--unlock-tpm2-device=auto", "--recovery-key",
@@ -162,9 +145,9 @@ def cmd_recovery_key(args: argparse.Namespace) -> int:
         target = Path(args.to)
         if not target.is_absolute():
             raise MachineError(f"{args.to}: not an absolute path")
-        _write_secret(target, key + "\n")
+        write_atomic(target, (key + "\n").encode(), 0o600)
         print(f"particle: the recovery key of {device} is in {target}")
-    _write_secret(DONE, f"{args.to}\n")
+    write_atomic(DONE, f"{args.to}\n".encode(), 0o600)
     os.sync()
     return 0
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import pe
+from .files import fsync_dir
 from .versions import vercmp
 
 LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
@@ -217,9 +218,5 @@ def mark_bad(entry: Entry) -> Path:
     if target.exists():
         raise FileExistsError(f"{target} already exists")
     os.rename(entry.path, target)
-    fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(target.parent)
     return target

@@ -31,6 +31,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import fsync_dir, write_atomic
+
 STAMP = ".particle-factory"  # in /etc: os-release of the version this /etc derives from
 CONFLICTS = ".particle-conflicts.json"  # in /etc: conflicts of the merges, for status
 PRIVATE = frozenset({STAMP, CONFLICTS})  # top-level names that never take part in a merge
@@ -189,14 +191,6 @@ def plan(base: dict[str, Node], theirs: dict[str, Node], ours: dict[str, Node]) 
 
 # --- copying with everything kept -------------------------------------------------------------
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _copy_xattrs(src: Path, dst: Path) -> None:
     try:
         names = os.listxattr(src, follow_symlinks=False)
@@ -245,7 +239,7 @@ def _finish_dir(src: Path, dst: Path) -> None:
     st = os.lstat(src)
     os.chmod(dst, stat.S_IMODE(st.st_mode))
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-    _fsync_dir(dst)
+    fsync_dir(dst)
 
 
 def remove_tree(path: Path) -> None:
@@ -284,7 +278,7 @@ def build(plan_: Plan, theirs: Path, ours: Path, dest: Path) -> None:
         if dst.is_dir() and not dst.is_symlink():
             _finish_dir(src, dst)
     os.chmod(dest, stat.S_IMODE(os.lstat(ours if ours.is_dir() else theirs).st_mode))
-    _fsync_dir(dest)
+    fsync_dir(dest)
 
 
 # --- stamps, conflicts, atomic files -----------------------------------------------------------
@@ -302,17 +296,6 @@ def stamp_version(etc: Path) -> str | None:
         return os_release_version((etc / STAMP).read_text())
     except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
         return None
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.particle-tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def read_conflicts(etc: Path) -> list[dict[str, str | None]]:
@@ -356,7 +339,7 @@ def write_conflicts(etc: Path, items: list[dict[str, str | None]]) -> None:
     if not items:
         if (etc / CONFLICTS).exists():
             (etc / CONFLICTS).unlink()
-            _fsync_dir(etc)
+            fsync_dir(etc)
         return
     write_atomic(etc / CONFLICTS, (json.dumps(items, indent=1) + "\n").encode())
 
@@ -431,7 +414,7 @@ def discard(lay: Layout, path: Path) -> None:
     while os.path.lexists(lay.trash / str(n)):
         n += 1
     os.rename(path, lay.trash / str(n))
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     remove_tree(lay.trash / str(n))
     with contextlib.suppress(OSError):
         lay.trash.rmdir()
@@ -454,8 +437,8 @@ def settle(lay: Layout) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     discard(lay, dest)
     os.rename(lay.new, dest)
-    _fsync_dir(dest.parent)
-    _fsync_dir(lay.root)
+    fsync_dir(dest.parent)
+    fsync_dir(lay.root)
 
 
 def record_factory(lay: Layout, version: str) -> Path:
@@ -468,7 +451,7 @@ def record_factory(lay: Layout, version: str) -> Path:
     remove_tree(tmp)
     copy_tree(lay.root / FACTORY, tmp)
     os.rename(tmp, dest)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return dest
 
 
@@ -500,7 +483,7 @@ def merge_into_new(lay: Layout, running: str, current: str) -> list[dict[str, st
     write_conflicts(lay.new, earlier + p.conflicts)
     crash_point("before-stamp")
     write_atomic(lay.new / STAMP, (lay.root / "usr/lib/os-release").read_bytes())
-    _fsync_dir(lay.root)
+    fsync_dir(lay.root)
     return p.conflicts
 
 
@@ -523,8 +506,8 @@ def boot(root: Path) -> str:
     saved = lay.saved(running)
     if stamp_version(saved) == running:
         os.rename(saved, lay.new)
-        _fsync_dir(saved.parent)
-        _fsync_dir(root)
+        fsync_dir(saved.parent)
+        fsync_dir(root)
         what = f"restored the /etc {running} had (the /etc of {current} is kept)"
     else:
         found = merge_into_new(lay, running, current)
@@ -534,7 +517,7 @@ def boot(root: Path) -> str:
                         for c in found)
     crash_point("built")
     exchange(lay.etc, lay.new)
-    _fsync_dir(root)
+    fsync_dir(root)
     crash_point("swapped")
     settle(lay)
     crash_point("settled")
@@ -606,7 +589,7 @@ def revert(etc: Path, factory: Path, rel: str) -> str:
         remove_tree(tmp)
     else:
         os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
     saved = etc / (rel + SAVED_SUFFIX)
     if os.path.lexists(saved):
         remove_tree(saved)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..formats import SHA256SUMS, parse_sha256sums, sha256_file
 from . import overlay
+from .files import write_atomic
 from .sysext import (
     EXTENSIONS_DIR,
     MERGED_LIST,
@@ -148,10 +149,7 @@ def obtain(target: str, staging: Path, source: str | None, host: dict[str, str],
 
 def write_root_hash(image: Path, root_hash: str) -> None:
     """`X.usrhash` beside the image, and the same as an xattr on it (systemd reads either)."""
-    sidecar = hash_sidecar(image)
-    tmp = sidecar.with_name(f".{sidecar.name}.tmp")
-    tmp.write_text(root_hash + "\n")
-    os.replace(tmp, sidecar)
+    write_atomic(hash_sidecar(image), (root_hash + "\n").encode())
     with contextlib.suppress(OSError):
         os.setxattr(image, "user.verity.usrhash", root_hash.encode())
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 from . import entries as boot_entries
 from .cli import MachineError
 from .entries import Entry, os_release_fields
+from .files import write_atomic
 from .versions import vercmp
 
 EFI_DIR = Path("/usr/lib/systemd/boot/efi")
@@ -126,34 +126,14 @@ def decide(usr: LoaderFile, primary: LoaderFile, fallback: LoaderFile,
     return Decision("install", f"{what} replaces the ESP's", targets)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """NAME.new, fsync, rename over NAME, fsync the directory: NAME is the old or the new
-    file whatever interrupts it (vfat included, as far as its rename allows)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".new")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def install(esp: Path, data: bytes, version: str, targets: tuple[str, ...]) -> None:
     """The stamp first (an interrupted install is finished by the next run of the same
     version), then the loaders in `targets` order."""
     digest = hashlib.sha256(data).hexdigest()
-    write_atomic(esp / STAMP, f"{version} {digest}\n".encode())
-    for rel in targets:
-        write_atomic(esp / rel, data)
+    # NAME.new beside NAME: a run cut short leaves it, and the next run writes it again.
+    for target, content in ((esp / STAMP, f"{version} {digest}\n".encode()),
+                            *((esp / rel, data) for rel in targets)):
+        write_atomic(target, content, tmp=target.with_name(target.name + ".new"))
 
 
 def blessed_reason(version: str, entries: list[Entry], selected: str | None) -> str | None:
