@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from particleos.builder import encryption
+from particleos.builder import encryption, repart
 from particleos.builder.bootstrap import extra_packages
 from particleos.disk import MiB, Partition, PartType, read_table, write_disk
 from particleos.machine import encryption as machine_enc
@@ -92,8 +92,10 @@ def test_packages_and_definitions_only_when_encrypted(tmp_path: Path) -> None:
 
     encryption.encrypted_root(Ctx(spec()))  # type: ignore[arg-type]
     assert not (tmp_path / "tree").exists()
-    encryption.encrypted_root(Ctx(spec(encrypt="tpm2", recovery_key="/efi/key")))  # type: ignore[arg-type]
-    definition = (tmp_path / "tree" / encryption.ROOT_DEFINITION).read_text()
+    encrypted = Ctx(spec(encrypt="tpm2", recovery_key="/efi/key"))
+    repart.root_partition(encrypted)  # type: ignore[arg-type]
+    encryption.encrypted_root(encrypted)  # type: ignore[arg-type]
+    definition = (tmp_path / "tree" / repart.ROOT_DEFINITION).read_text()
     lines = set(definition.splitlines())
     assert {"Type=root", "Format=ext4", "Encrypt=tpm2", "TPM2PCRs=7"} <= lines
     assert not any(line.startswith("SizeMaxBytes") for line in lines)  # all the free space

@@ -248,18 +248,63 @@ def test_factory_reset_variable(tmp_path: Path) -> None:
 
 
 def test_the_image_root_definition_allows_a_reset(tmp_path: Path) -> None:
-    from particleos.builder.machine import ROOT_DEFINITION
+    from particleos.builder.repart import ROOT_DEFINITION
 
-    shipped = Path(life.__file__).parent.parent / "data" / "repart" / ROOT_DEFINITION
+    name = Path(ROOT_DEFINITION).name
+    shipped = Path(life.__file__).parent.parent / "data" / "repart" / name
     d = tmp_path / "repart.d"
     d.mkdir()
-    (d / ROOT_DEFINITION).write_bytes(shipped.read_bytes())
-    assert reset.reset_definitions((d,)) == [d / ROOT_DEFINITION]
+    (d / name).write_bytes(shipped.read_bytes())
+    assert reset.reset_definitions((d,)) == [d / name]
     keys = dict(ln.split("=", 1) for ln in shipped.read_text().splitlines() if "=" in ln
                 and not ln.startswith("#"))
     assert keys["Type"] == "root" and keys["Format"] == "ext4" and "SizeMaxBytes" not in keys
-    (d / ROOT_DEFINITION).write_text("[Partition]\nType=root\n")
+    (d / name).write_text("[Partition]\nType=root\n")
     assert reset.reset_definitions((d,)) == []
+
+
+@pytest.mark.parametrize("encrypt", ["off", "tpm2"])
+def test_one_root_definition_the_shipped_one(tmp_path: Path, encrypt: str) -> None:
+    """The build writes data/repart/50-root.conf, and for an encrypted root the same plus the
+    LUKS2 lines: one definition, written by one stage."""
+    from particleos.builder.repart import ROOT_DEFINITION, root_partition
+    from particleos.spec.model import Spec
+
+    class Ctx:  # the two fields the stage reads
+        spec = Spec.model_validate({"system": {"id": "demo"}, "image": {"encrypt": encrypt}})
+        tree = tmp_path / "tree"
+
+    root_partition(Ctx())  # type: ignore[arg-type]
+    written = (tmp_path / "tree" / ROOT_DEFINITION).read_text()
+    shipped = (Path(life.__file__).parent.parent / "data/repart/50-root.conf").read_text()
+    extra = written.removeprefix(shipped)
+    assert extra != written
+    assert ("Encrypt=tpm2" in extra.splitlines()) == (encrypt == "tpm2")
+    assert reset.reset_definitions((tmp_path / "tree/usr/lib/repart.d",)) != []
+
+
+def test_bookworm_has_no_root_definition_and_refuses_a_reset(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """bookworm's initrd has no repart and its repart (systemd 252) does not read the
+    FactoryReset variable: the image ships no definition, and factory-reset refuses."""
+    from particleos.builder.repart import ROOT_DEFINITION, root_partition
+    from particleos.spec.model import Spec
+
+    class Ctx:
+        spec = Spec.model_validate({"system": {"id": "demo", "release": "bookworm"}})
+        tree = tmp_path / "tree"
+
+    root_partition(Ctx())  # type: ignore[arg-type]
+    assert not (tmp_path / "tree" / ROOT_DEFINITION).exists()
+    efivars = tmp_path / "efivars"
+    efivars.mkdir()
+    monkeypatch.setattr(reset, "EFIVARS", efivars)
+    monkeypatch.setattr(reset, "REPART_DIRS", (tmp_path / "tree/usr/lib/repart.d",))
+    assert machine_main(["factory-reset", "--yes"]) == 1
+    err = capsys.readouterr().err
+    assert "no repart definition with FactoryReset=yes" in err and "bookworm" in err
+    assert not reset.requested(efivars)
 
 
 def test_factory_reset_asks_and_refuses_without_a_terminal(

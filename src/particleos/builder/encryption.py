@@ -2,11 +2,12 @@
 decides how the root partition is made when it is encrypted.
 
 The image carries no root partition, only free space after slot B and a systemd-repart
-definition in /usr. At the first boot repart (in the initrd, reading /sysusr/usr/lib/repart.d)
-creates the root partition there as LUKS2 with a random volume key enrolled to the TPM2 and
-formats it ext4; gpt-auto finds it as a LUKS root and systemd-cryptsetup unlocks it with
-`tpm2-device=auto` at every boot, without a prompt. No key ever exists outside the machine.
-`/usr` stays dm-verity and is not encrypted (it is public and verified, not secret).
+definition in /usr (repart.root_definition: the plain one plus Encrypt=tpm2). At the first boot
+repart (in the initrd, reading /sysusr/usr/lib/repart.d) creates the root partition there as
+LUKS2 with a random volume key enrolled to the TPM2 and formats it ext4; gpt-auto finds it as a
+LUKS root and systemd-cryptsetup unlocks it with `tpm2-device=auto` at every boot, without a
+prompt. No key ever exists outside the machine. `/usr` stays dm-verity and is not encrypted (it
+is public and verified, not secret).
 
 PCR 7 (the Secure Boot policy: SB on or off, PK/KEK/db/dbx) is the seal: it stays the same
 across A/B updates, whose new UKIs would change PCR 4 and 11 at every version (binding those
@@ -27,8 +28,6 @@ from .context import BuildContext
 # What systemd dlopens for TPM2 (esys, rc, mu; esys brings sys and the device TCTI). Debian's
 # names; the initrd gets them through our dracut module when they are in the tree.
 TPM2_PACKAGES = ("libtss2-esys-3.0.2-0t64", "libtss2-rc0t64")
-# Shared with any other first-boot definition of root (install, factory reset): one file.
-ROOT_DEFINITION = "usr/lib/repart.d/50-root.conf"
 TPM2_PCRS = "7"
 RECOVERY_UNIT = "particle-recovery-key.service"
 RECOVERY_DONE = "/var/lib/particle/recovery-key"  # on root: a new root makes a new key
@@ -37,22 +36,6 @@ RECOVERY_DONE = "/var/lib/particle/recovery-key"  # on root: a new root makes a 
 def packages(spec: Spec) -> list[str]:
     """Packages the image needs for its encrypted root (none when `encrypt` is off)."""
     return list(TPM2_PACKAGES) if spec.image.encrypt == "tpm2" else []
-
-
-def root_definition(spec: Spec) -> str:
-    """repart.d definition of the encrypted root: all the free space (the image leaves
-    `root_size`), LUKS2 sealed to the TPM2's PCR 7, ext4 inside."""
-    return (
-        "# Written by ParticleOS: the encrypted root, made at the first boot (image.encrypt).\n"
-        "[Partition]\n"
-        "Type=root\n"
-        "Label=root\n"
-        "Format=ext4\n"
-        "Encrypt=tpm2\n"
-        f"TPM2PCRs={TPM2_PCRS}\n"
-        # `particle factory-reset`: repart deletes it and makes it anew (a new volume key).
-        "FactoryReset=yes\n"
-    )
 
 
 def recovery_unit(spec: Spec) -> str:
@@ -76,14 +59,11 @@ def recovery_unit(spec: Spec) -> str:
 
 
 def encrypted_root(ctx: BuildContext) -> None:
-    """Stage: put the root definition and the recovery-key unit into /usr (nothing when the
-    root is not encrypted)."""
+    """Stage: put the recovery-key unit into /usr (nothing when the root is not encrypted;
+    the root definition is repart.root_partition's)."""
     assert ctx.tree is not None
     if ctx.spec.image.encrypt == "off":
         return
-    definition = ctx.tree / ROOT_DEFINITION
-    definition.parent.mkdir(parents=True, exist_ok=True)
-    definition.write_text(root_definition(ctx.spec))
     units = ctx.tree / "usr/lib/systemd/system"
     units.mkdir(parents=True, exist_ok=True)
     (units / RECOVERY_UNIT).write_text(recovery_unit(ctx.spec))

@@ -32,6 +32,7 @@ from .extensions import extensions, sysext_support
 from .hermetic import hermetic
 from .images import boot_files, build_uki, disk_image, verity
 from .machine import install_machine_tools
+from .repart import root_partition
 from .trust import install_trust, sign_uki, sign_verity
 from .updates import update_definitions
 from .usrimage import usr_image
@@ -72,8 +73,9 @@ STAGES: list[Stage] = [
           needs="tree"),
     stage("machine-tools", "machine-side particle command", install_machine_tools,
           needs="tree"),
-    stage("encryption", "encrypted root: first-boot definition, recovery key", encrypted_root,
+    stage("root-partition", "root partition: first-boot repart definition", root_partition,
           needs="tree"),
+    stage("encryption", "encrypted root: recovery key", encrypted_root, needs="tree"),
     stage("sysext-support", "system extensions: merged at boot", sysext_support, needs="tree"),
     stage("boot-files", "kernel and initrd", boot_files, needs="tree kernel_version",
           gives="vmlinuz initrd"),

@@ -1,14 +1,15 @@
 """`particle factory-reset`: the next boot starts the running version as on its first boot.
 
 The systemd way: the image's root definition (/usr/lib/repart.d/50-root.conf) says
-`FactoryReset=yes`; this command sets the EFI variable `FactoryReset` (systemd's vendor GUID)
-that systemd-repart 257 reads in the initrd. repart then deletes the root partition, unsets the
-variable itself, and creates root anew (empty ext4 filling the free space); the initrd's
-particle-etc fills /etc and /var from the factory copy in /usr, and systemd makes a new
-machine-id. The ESP, both /usr slots and the boot counters are not touched: the installed
-versions and their update state stay. A power cut at any point still boots: before repart
-deleted root the variable is still set and the reset runs again; after, root is missing and
-repart creates it.
+`FactoryReset=yes` (bookworm's images have none: systemd 252 has no repart in the initrd and
+does not read the variable, so the command refuses there); this command sets the EFI variable
+`FactoryReset` (systemd's vendor GUID) that systemd-repart 257 reads in the initrd. repart then
+deletes the root partition, unsets the variable itself, and creates root anew (empty ext4
+filling the free space); the initrd's particle-etc fills /etc and /var from the factory copy in
+/usr, and systemd makes a new machine-id. The ESP, both /usr slots and the boot counters are not
+touched: the installed versions and their update state stay. A power cut at any point still
+boots: before repart deleted root the variable is still set and the reset runs again; after,
+root is missing and repart creates it.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def cmd_factory_reset(args: argparse.Namespace) -> int:
         return 0
     if not reset_definitions():
         raise MachineError("this image has no repart definition with FactoryReset=yes "
-                           "(/usr/lib/repart.d): it cannot be reset this way")
+                           "(/usr/lib/repart.d): it cannot be reset this way (images of Debian "
+                           "bookworm have none: its systemd 252 cannot reset root at boot)")
     if not EFIVARS.is_dir():
         raise MachineError("no EFI variables (not booted with UEFI): boot once with "
                            "systemd.factory_reset=1 on the kernel command line instead")
