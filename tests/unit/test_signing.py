@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from particleos import firmware, openpgp, secureboot, signing, vm
-from particleos.builder import trust
+from particleos.builder import loader, trust
 from particleos.builder.context import BuildContext
 from particleos.builder.updates import update_definitions
 from particleos.errors import ParticleError
@@ -136,7 +136,7 @@ def make_ctx(tmp_path: Path, extra: str) -> BuildContext:
     tree = tmp_path / "root"
     for d in ("usr/lib/systemd/boot/efi", "usr/lib/systemd/system", "etc/systemd", "usr/bin"):
         (tree / d).mkdir(parents=True)
-    (tree / trust.SDBOOT).write_bytes(b"MZ unsigned boot loader")
+    (tree / loader.SDBOOT).write_bytes(b"MZ unsigned boot loader")
     (tree / trust.IMPORT_PUBRING).write_bytes(b"vendor keys")
     (tree / trust.ETC_IMPORT_PUBRING).write_bytes(b"local keys")
     (tree / "usr/bin/gpg").write_bytes(b"")
@@ -176,7 +176,7 @@ def test_trust_stages_put_only_public_material_into_the_image(
     assert (tree / "usr/lib/verity.d/demo.crt").read_bytes() == keys.certificate.read_bytes()
     assert (tree / trust.IMPORT_PUBRING).read_bytes() == keys.openpgp_public.read_bytes()
     assert not (tree / trust.ETC_IMPORT_PUBRING).exists()
-    assert ctx.bootloader == tree / (trust.SDBOOT + ".signed")
+    assert ctx.bootloader == tree / (loader.SDBOOT + ".signed")
     assert ctx.bootloader.read_bytes().endswith(b"[signed]")
     secrets = [keys.key.read_bytes(), keys.openpgp_key.read_bytes()]
     for path in tree.rglob("*"):
@@ -224,7 +224,7 @@ def test_unsigned_build_is_unchanged(tmp_path: Path, fake_sbsign: list[Path]) ->
     trust.sign_uki(ctx)
     assert ctx.tree is not None
     assert ctx.verity_sig is None and ctx.usr_signature_cmdline == []
-    assert ctx.bootloader == ctx.tree / trust.SDBOOT  # the tree's own, unsigned
+    assert ctx.bootloader == ctx.tree / loader.SDBOOT  # the tree's own, unsigned
     assert ctx.boot_uki == ctx.uki and not fake_sbsign
     assert (ctx.tree / trust.IMPORT_PUBRING).read_bytes() == b"vendor keys"
     assert not (ctx.tree / "usr/lib/verity.d").exists()

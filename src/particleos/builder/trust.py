@@ -37,7 +37,6 @@ from .loader import ship_loader
 VERITY_CERT_DIR = "usr/lib/verity.d"
 IMPORT_PUBRING = "usr/lib/systemd/import-pubring.gpg"
 ETC_IMPORT_PUBRING = "etc/systemd/import-pubring.gpg"  # would take precedence: removed
-SDBOOT = "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
 
 
 def key_pair(spec: Spec) -> KeyPair | None:
@@ -58,7 +57,7 @@ def install_trust(ctx: BuildContext) -> None:
     assert ctx.tree is not None
     pair = key_pair(ctx.spec)
     pgp_key = ctx.spec.signing.openpgp_key
-    ctx.bootloader = ship_loader(ctx)
+    sdboot = ctx.bootloader = ship_loader(ctx)
     if pair is None and pgp_key is None:
         # "\\[" so that rich prints "[signing]" instead of taking it for markup.
         ui.info("  unsigned image (no \\[signing] keys)")
@@ -67,9 +66,9 @@ def install_trust(ctx: BuildContext) -> None:
         cert_dir = ctx.tree / VERITY_CERT_DIR
         cert_dir.mkdir(parents=True, exist_ok=True)
         (cert_dir / f"{ctx.image_id}.crt").write_bytes(pair.cert_pem)
-        signed = ctx.tree / (SDBOOT + ".signed")
+        signed = sdboot.with_name(sdboot.name + ".signed")
         sbsign(ctx.tools, Path(ctx.spec.signing.key or ""),
-               Path(ctx.spec.signing.certificate or ""), ctx.tree / SDBOOT, signed)
+               Path(ctx.spec.signing.certificate or ""), sdboot, signed)
         ctx.bootloader = signed
     if pgp_key is not None:
         source = ctx.spec.update.source
