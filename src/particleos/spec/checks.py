@@ -18,6 +18,7 @@ from pathlib import Path
 from ..disk.fs import FAT32_MIN_SIZE
 from ..disk.layout import GPT_NAME_MAX
 from ..disk.sizes import MiB, format_size
+from ..machine.loader import read_loader
 from ..machine.registry import parse_source
 from ..update.transfer import is_oci
 from .errors import KeyPath, key_path
@@ -167,8 +168,9 @@ def _loader(spec: Spec) -> list[Problem]:
         return []
     if (text := _path_problem(path, "file")) is not None:
         return [Problem(("boot", "loader"), text)]
-    data = Path(path).read_bytes()
-    if data[:2] != b"MZ" or b"#### LoaderInfo: systemd-boot " not in data:
+    # What machines take for systemd-boot (machine/loader.py), in a PE file.
+    found, data = read_loader(Path(path))
+    if data[:2] != b"MZ" or not found.is_sdboot:
         return [Problem(("boot", "loader"), f"{_shown(path)} is not a systemd-boot EFI binary "
                         "(allowed: a systemd-bootx64.efi, signed or not)")]
     return []
