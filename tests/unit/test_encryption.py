@@ -67,6 +67,20 @@ def test_recovery_key_destination_must_be_an_absolute_file(run: Run, tmp_path: P
         ]
 
 
+def test_recovery_key_destination_without_spaces_or_percent(run: Run, tmp_path: Path) -> None:
+    """The path goes unquoted into the recovery-key unit's ExecStart=: systemd would split it at
+    a space and expand a %."""
+    for bad in ("/efi/my key.txt", "/efi/key\\t.txt", "/efi/key%H.txt"):
+        text = GOOD + f'[image]\nencrypt = "tpm2"\nrecovery_key = "{bad}"\n'
+        shown = "/efi/key\t.txt" if "\\t" in bad else bad
+        lines = problems(run, tmp_path, text)
+        assert lines[0] == (
+            f"particle.toml: image.recovery_key: recovery key destination {shown!r} has a space "
+            "or a '%' (allowed: a path without either: systemd would split or expand it in the "
+            "recovery-key unit's ExecStart=)")
+        assert lines[1].startswith("hint: choose a path without spaces and '%'")
+
+
 def test_encryption_needs_trixie_and_room_for_the_header(run: Run, tmp_path: Path) -> None:
     text = (GOOD + 'release = "bookworm"\n[image]\nencrypt = "tpm2"\nroot_size = "24M"\n')
     lines = problems(run, tmp_path, text)

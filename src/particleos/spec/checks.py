@@ -272,6 +272,14 @@ def _encryption(spec: Spec) -> list[Problem]:
             f"bad recovery key destination {key!r} (allowed: \"console\" or an absolute file "
             "path on the machine)",
         ))
+    elif key != "console" and (any(c.isspace() for c in key) or "%" in key):
+        # It goes into the unit's ExecStart=, which systemd splits at spaces and expands % in.
+        out.append(Problem(
+            ("image", "recovery_key"),
+            f"recovery key destination {key!r} has a space or a '%' (allowed: a path without "
+            "either: systemd would split or expand it in the recovery-key unit's ExecStart=)",
+            "choose a path without spaces and '%', e.g. \"/efi/recovery-key.txt\"",
+        ))
     elif key != "console" and img.encrypt == "off":
         out.append(Problem(
             ("image", "recovery_key"),
