@@ -136,9 +136,10 @@ def install(esp: Path, data: bytes, version: str, targets: tuple[str, ...]) -> N
         write_atomic(target, content, tmp=target.with_name(target.name + ".new"))
 
 
-def blessed_reason(version: str, entries: list[Entry], selected: str | None) -> str | None:
-    """None when the boot loader started `version` from a good entry; else why not."""
-    booted = next((e for e in entries if selected and e.id.lower() == selected.lower()), None)
+def blessed_reason(version: str, entries: list[Entry]) -> str | None:
+    """None when the boot loader started `version` from a good entry; else why not. The
+    booted entry is the one entries marks (LoaderEntrySelected, or bootctl's isSelected)."""
+    booted = next((e for e in entries if e.booted), None)
     if booted is None:
         return "the boot entry this boot started is unknown"
     if booted.version != version:
@@ -181,16 +182,12 @@ def examine(esp: Path, version: str,
 def _machine() -> tuple[Path, str, str | None]:
     version = os_release_fields(OS_RELEASE.read_text()).get("IMAGE_VERSION", "?")
     esp = boot_entries.find_esp()
-    entries = boot_entries.list_entries(esp, EFIVARS)
-    return esp, version, blessed_reason(version, entries,
-                                        boot_entries.efi_var("LoaderEntrySelected", EFIVARS))
+    return esp, version, blessed_reason(version, boot_entries.list_entries(esp, EFIVARS))
 
 
 def status_json(esp: Path, version: str, entries: list[Entry]) -> dict[str, Any]:
     """The `loader` part of `particle status`."""
-    blessed = blessed_reason(version, entries,
-                             boot_entries.efi_var("LoaderEntrySelected", EFIVARS))
-    return examine(esp, version, blessed)[0].to_json()
+    return examine(esp, version, blessed_reason(version, entries))[0].to_json()
 
 
 def render(st: dict[str, Any]) -> str:
