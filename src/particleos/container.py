@@ -38,6 +38,7 @@ from .ext.base import BuiltBase, find_base
 from .formats import Manifest
 from .runner import interruptible
 from .ui import ui
+from .vm import console_tail
 
 NSPAWN: Final = "systemd-nspawn"
 REBOOTED: Final = 133  # nspawn exits so when the container rebooted (its @.service restarts)
@@ -326,7 +327,7 @@ def boot(build_dir: Path, *, keep: Path | None = None, version: str | None = Non
         result.seconds = round(time.monotonic() - start, 1)
     if rx is not None and result.found_seconds is None:
         raise ContainerError(f"the container ended (exit status {status}); {expect!r} did "
-                             "not appear" + _tail(seen))
+                             "not appear" + console_tail(seen.decode(errors="replace")))
     return result
 
 
@@ -341,7 +342,8 @@ def _watch(proc: subprocess.Popen[bytes], seen: bytearray, start: float, result:
         if rx is not None and left <= 0:
             shutdown(proc, seen, console)
             raise ContainerError(f"timed out after {timeout:.0f} s waiting for "
-                                 f"{rx.pattern.decode()!r}" + _tail(seen))
+                                 f"{rx.pattern.decode()!r}"
+                                 + console_tail(seen.decode(errors="replace")))
         ready, _, _ = select.select([fd], [], [], max(0.0, min(left, 1.0)) if rx else 1.0)
         if not ready:
             continue
@@ -383,11 +385,3 @@ def _copy(chunk: bytes, seen: bytearray, console: IO[bytes] | None) -> None:
         console.write(chunk)
         console.flush()
 
-
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
-
-
-def _tail(console: bytearray, lines: int = 25) -> str:
-    text = _ANSI.sub("", console.decode(errors="replace"))
-    body = "\n".join("    " + ln for ln in text.strip().splitlines()[-lines:])
-    return f"\n  last console lines:\n{body}" if body else ""

@@ -432,8 +432,7 @@ class VM:
             return self.console.decode(errors="replace")
 
     def tail(self, lines: int = 25) -> str:
-        body = "\n".join("    " + ln for ln in _clean(self.text()).splitlines()[-lines:])
-        return f"\n  last console lines:\n{body}" if body else ""
+        return console_tail(self.text(), lines)
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait for QEMU to exit (the guest powered off); its exit status. A restart under
@@ -488,6 +487,13 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 
 def _clean(text: str) -> str:
     return _ANSI.sub("", text)
+
+
+def console_tail(text: str, lines: int = 25) -> str:
+    """The last lines of a console (a VM's or a container's), without terminal escapes, to
+    end an error message with."""
+    body = "\n".join("    " + ln for ln in _clean(text).strip().splitlines()[-lines:])
+    return f"\n  last console lines:\n{body}" if body else ""
 
 
 def boot(image: Path, *, snapshot: bool, timeout: float, expect: str | None,
