@@ -267,16 +267,14 @@ class VM:
 
     def _start_swtpm(self, state: Path) -> None:
         """Start the TPM2 emulator for this VM's life; its socket lives in our temporary
-        directory, its state in `state` (kept: the same directory is the same TPM)."""
-        runner.require(SWTPM)
+        directory, its state in `state` (kept: the same directory is the same TPM). In its own
+        process group (runner.spawn): a Ctrl-C reaches QEMU, and the TPM is stopped after it."""
         state.mkdir(parents=True, exist_ok=True)
         socket = Path(self._tmp.name) / "swtpm.sock"
-        argv = swtpm_argv(state, socket)
-        ui.debug("$ " + " ".join(argv))
         errors = Path(self._tmp.name) / "swtpm.err"
         with errors.open("wb") as err:
-            self.swtpm = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.DEVNULL, stderr=err)
+            self.swtpm = runner.spawn(swtpm_argv(state, socket), stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=err.fileno())
         deadline = time.monotonic() + SWTPM_START_SECONDS
         while not socket.exists():
             status = self.swtpm.poll()
@@ -291,13 +289,7 @@ class VM:
 
     def _stop_swtpm(self) -> None:
         if self.swtpm is not None:
-            if self.swtpm.poll() is None:
-                self.swtpm.terminate()
-                try:
-                    self.swtpm.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.swtpm.kill()
-                    self.swtpm.wait()
+            runner.stop(self.swtpm, grace=5.0)
             self.swtpm = None
 
     def _spawn(self) -> subprocess.Popen[bytes]:
