@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from ..spec import Spec
 from .context import BuildContext
+from .units import install_unit
 
 # What systemd dlopens for TPM2 (esys, rc, mu; esys brings sys and the device TCTI). Debian's
 # names; the initrd gets them through our dracut module when they are in the tree.
@@ -64,11 +65,4 @@ def encrypted_root(ctx: BuildContext) -> None:
     assert ctx.tree is not None
     if ctx.spec.image.encrypt == "off":
         return
-    units = ctx.tree / "usr/lib/systemd/system"
-    units.mkdir(parents=True, exist_ok=True)
-    (units / RECOVERY_UNIT).write_text(recovery_unit(ctx.spec))
-    wants = units / "multi-user.target.wants"
-    wants.mkdir(exist_ok=True)
-    link = wants / RECOVERY_UNIT
-    if not link.is_symlink():
-        link.symlink_to(f"../{RECOVERY_UNIT}")
+    install_unit(ctx.tree, RECOVERY_UNIT, recovery_unit(ctx.spec), "multi-user.target")

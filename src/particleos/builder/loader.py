@@ -5,12 +5,12 @@ would install a newer loader at every boot, also on a boot still being tried."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from importlib import resources
 from pathlib import Path
 
 from .context import BuildContext
+from .units import install_unit, symlink
 
 SDBOOT = "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
 UNIT = "usr/lib/systemd/system/particle-loader.service"
@@ -26,21 +26,12 @@ def ship_loader(ctx: BuildContext) -> Path:
         sdboot.unlink(missing_ok=True)
         shutil.copyfile(ctx.spec.boot.loader, sdboot)
         sdboot.chmod(0o644)
-    unit = ctx.tree / UNIT
-    unit.parent.mkdir(parents=True, exist_ok=True)
     data = resources.files("particleos") / "data" / "loader"
-    unit.write_bytes((data / "particle-loader.service").read_bytes())
-    wants = unit.parent / "multi-user.target.wants"
-    wants.mkdir(exist_ok=True)
-    _symlink(f"../{unit.name}", wants / unit.name)
+    install_unit(ctx.tree, Path(UNIT).name, (data / "particle-loader.service").read_bytes(),
+                 "multi-user.target")
     # Masked where the vendor unit lives: first-boot preset-all cannot enable it again.
-    _symlink("/dev/null", ctx.tree / BOOT_UPDATE)
+    symlink("/dev/null", ctx.tree / BOOT_UPDATE)
     for d in ("etc/systemd/system", "usr/lib/systemd/system"):
         (ctx.tree / d / "sysinit.target.wants/systemd-boot-update.service").unlink(missing_ok=True)
     return sdboot
 
-
-def _symlink(target: str, link: Path) -> None:
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    os.symlink(target, link)

@@ -7,8 +7,8 @@ fails in it ends in a reboot, which spends a try."""
 
 from __future__ import annotations
 
-import os
 from importlib import resources
+from pathlib import Path
 
 from ..errors import ParticleError
 from ..update.transfer import (
@@ -21,6 +21,7 @@ from ..update.transfer import (
 )
 from .context import BuildContext
 from .trust import verify_updates
+from .units import UNIT_DIR, enable, install_unit
 
 ASSESS_DROPIN = "particle-assess.conf"
 SYSUPDATE_SERVICE_DROPIN = "usr/lib/systemd/system/systemd-sysupdate.service.d/50-particle-oci.conf"
@@ -39,19 +40,12 @@ def install_trial(ctx: BuildContext) -> None:
     script.parent.mkdir(parents=True, exist_ok=True)
     script.write_bytes((data / "dracut" / "90particle" / "particle-trial.sh").read_bytes())
     script.chmod(0o755)
-    unit = ctx.tree / TRIAL_UNIT
-    unit.parent.mkdir(parents=True, exist_ok=True)
-    unit.write_bytes((data / "trial" / "particle-trial.service").read_bytes())
+    install_unit(ctx.tree, Path(TRIAL_UNIT).name,
+                 (data / "trial" / "particle-trial.service").read_bytes(), "sysinit.target")
     for name, where in TRIAL_DROPINS.items():
         d = ctx.tree / where
         d.mkdir(parents=True, exist_ok=True)
         (d / "50-particle-trial.conf").write_bytes((data / "trial" / name).read_bytes())
-    wants = unit.parent / "sysinit.target.wants"
-    wants.mkdir(exist_ok=True)
-    link = wants / unit.name
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    os.symlink(f"../{unit.name}", link)
 
 
 def update_definitions(ctx: BuildContext) -> None:
@@ -95,7 +89,7 @@ def assess_units(ctx: BuildContext) -> None:
     marks the boot good once the target is reached. With on_failure = "reboot" a failing unit
     reboots the machine, so the boot loader tries again or falls back to the previous version."""
     assert ctx.tree is not None
-    units_dir = ctx.tree / "usr/lib/systemd/system"
+    units_dir = ctx.tree / UNIT_DIR
     boot = ctx.spec.boot
     for unit in boot.assess:
         if not _unit_exists(ctx, unit):
@@ -110,12 +104,7 @@ def assess_units(ctx: BuildContext) -> None:
         if boot.on_failure == "reboot":
             lines.append("FailureAction=reboot")
         (dropin / ASSESS_DROPIN).write_text("\n".join(lines) + "\n")
-        requires = units_dir / "boot-complete.target.requires"
-        requires.mkdir(exist_ok=True)
-        link = requires / unit
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        os.symlink(f"../{unit}", link)
+        enable(ctx.tree, unit, "boot-complete.target", "requires")
 
 
 def _unit_exists(ctx: BuildContext, unit: str) -> bool:
