@@ -22,6 +22,7 @@ The recovery key is made once, in the real root, by `particle-recovery-key.servi
 
 from __future__ import annotations
 
+from ..machine import encryption as machine_encryption
 from ..spec import Spec
 from .context import BuildContext
 from .units import install_unit
@@ -31,7 +32,8 @@ from .units import install_unit
 TPM2_PACKAGES = ("libtss2-esys-3.0.2-0t64", "libtss2-rc0t64")
 TPM2_PCRS = "7"
 RECOVERY_UNIT = "particle-recovery-key.service"
-RECOVERY_DONE = "/var/lib/particle/recovery-key"  # on root: a new root makes a new key
+# The marker `particle encryption recovery-key` leaves, on root: a new root makes a new key.
+RECOVERY_DONE = str(machine_encryption.DONE)
 
 
 def packages(spec: Spec) -> list[str]:

@@ -25,7 +25,7 @@ from .files import write_atomic
 SYS_BLOCK = Path("/sys/class/block")
 LUKS2_MAGIC = b"LUKS\xba\xbe"
 LUKS2_BINARY_HEADER = 4096  # the JSON area follows the binary header
-DONE = Path("/var/lib/particle/recovery-key")  # builder.encryption.RECOVERY_DONE
+DONE = Path("/var/lib/particle/recovery-key")  # the unit's condition (builder/encryption.py)
 CRYPTENROLL = "systemd-cryptenroll"
 # systemd's recovery keys: 8 groups of 8 "modhex" characters.
 RECOVERY_KEY = re.compile(r"\b[cbdefghijklnrtuv]{8}(?:-[cbdefghijklnrtuv]{8}){7}\b")
