@@ -38,7 +38,6 @@ PACKAGE_OF = {
     "gpg": "gnupg",
     "gpgv": "gnupg",
     "systemd-nspawn": "systemd-container",
-    "losetup": "mount",
     "mount": "mount",
 }
 
