@@ -217,6 +217,42 @@ def test_host_install_into_a_bigger_file(image: Build, tmp_path: Path, run: Run)
             assert a.read(p.size()) == b.read(p.size()), p.label
 
 
+def test_copy_onto_a_used_device_writes_each_byte_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block device holds old data: what the copy leaves out (holes, all-zero chunks) is
+    zeroed, and nothing it writes is zeroed first. (A file stands in for the device: the
+    BLKZEROOUT ioctl fails on it and zero_range writes the zeros itself.)"""
+    size = 8 * MiB
+    src_path, dst_path = tmp_path / "src.raw", tmp_path / "dev.raw"
+    with open(src_path, "wb") as f:
+        f.truncate(size)  # a hole after 3 MiB
+        f.write(bytes(2 * MiB) + b"\x01" * (MiB + 512) + bytes(512))  # zeros, data, zeros
+        f.seek(6 * MiB + 4096)
+        f.write(b"\x02" * 8192)
+    dst_path.write_bytes(b"\xff" * size)
+    zeroed: list[tuple[int, int]] = []
+    real_zero = life.zero_range
+
+    def zero(fd: int, offset: int, length: int, block: bool) -> None:
+        if length > 0:
+            zeroed.append((offset, offset + length))
+        real_zero(fd, offset, length, block)
+
+    monkeypatch.setattr(life, "zero_range", zero)
+    src, dst = os.open(src_path, os.O_RDONLY), os.open(dst_path, os.O_RDWR)
+    try:
+        life.copy_range(src, dst, MiB // 2, size - MiB, block=True)
+    finally:
+        os.close(src)
+        os.close(dst)
+    source, device = src_path.read_bytes(), dst_path.read_bytes()
+    assert device[MiB // 2:size - MiB // 2] == source[MiB // 2:size - MiB // 2]
+    assert device[:MiB // 2] == device[size - MiB // 2:] == b"\xff" * (MiB // 2)  # outside
+    data = [(2 * MiB, 3 * MiB + 512), (6 * MiB + 4096, 6 * MiB + 4096 + 8192)]
+    assert (MiB // 2, 3 * MiB // 2) in zeroed  # an all-zero chunk of data, left out
+    assert not [(z, d) for z in zeroed for d in data if z[0] < d[1] and d[0] < z[1]]
+
+
 def test_host_install_refuses(image: Build, tmp_path: Path, run: Run) -> None:
     target = tmp_path / "t.raw"
     assert run("install", str(image.disk), str(target)).code == 0

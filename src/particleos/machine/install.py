@@ -240,21 +240,27 @@ def zero_range(fd: int, offset: int, length: int, block: bool) -> None:
         pos += n
 
 
-def copy_range(src: int, dst: int, offset: int, length: int) -> None:
-    """Copy [offset, offset+length) from src to the same offset of dst (already zero there),
-    leaving out holes and all-zero chunks so a sparse target stays sparse."""
-    for a, b in _extents(src, offset, offset + length):
+def copy_range(src: int, dst: int, offset: int, length: int, block: bool = False) -> None:
+    """Copy [offset, offset+length) from src to the same offset of dst, leaving out holes and
+    all-zero chunks so a sparse target stays sparse. On a block device what is left out is
+    zeroed (zero_range, one call per run), so each byte of the range is written once."""
+    end = offset + length
+    skipped = offset  # where the run of bytes left out so far begins
+    for a, b in _extents(src, offset, end):
         pos = a
         while pos < b:
             chunk = os.pread(src, min(CHUNK, b - pos), pos)
             if not chunk:
                 raise InstallError(f"the source ended at byte {pos} (expected {b})")
             if chunk != ZEROS[:len(chunk)]:
+                zero_range(dst, skipped, pos - skipped, block)
                 view = memoryview(chunk)
                 done = 0
                 while done < len(chunk):
                     done += os.pwrite(dst, view[done:], pos + done)
+                skipped = pos + len(chunk)
             pos += len(chunk)
+    zero_range(dst, skipped, end - skipped, block)
 
 
 def write_disk(src: int, dst: int, the_plan: Plan, disk_bytes: int, *, block: bool,
@@ -272,8 +278,7 @@ def write_disk(src: int, dst: int, the_plan: Plan, disk_bytes: int, *, block: bo
         say(f"partition {p.number} ({p.label}, {human(p.size())}): "
             f"{'copying' if pc.copy else 'empty'}")
         if pc.copy:
-            zero_range(dst, p.start(), p.size(), block)
-            copy_range(src, dst, p.start(), p.size())
+            copy_range(src, dst, p.start(), p.size(), block)
         else:  # no stale file system signature at either end of an empty slot
             zero_range(dst, p.start(), min(MiB, p.size()), block)
             zero_range(dst, p.start() + p.size() - min(MiB, p.size()), min(MiB, p.size()),
