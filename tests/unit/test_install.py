@@ -341,6 +341,13 @@ def test_bookworm_has_no_root_definition_and_refuses_a_reset(
     err = capsys.readouterr().err
     assert "no repart definition with FactoryReset=yes" in err and "bookworm" in err
     assert not reset.requested(efivars)
+    # Nor does `particle install DEVICE` on such a machine: the copy would have no root.
+    target = tmp_path / "blank.img"
+    target.write_bytes(b"")
+    assert machine_main(["install", str(target), "--yes"]) == 1
+    err = capsys.readouterr().err
+    assert "no systemd-repart root definition" in err and "particle install IMAGE" in err
+    assert target.stat().st_size == 0  # nothing written
 
 
 def test_factory_reset_asks_and_refuses_without_a_terminal(

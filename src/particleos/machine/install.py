@@ -379,8 +379,14 @@ def running_ukis(esp: Path, parts: list[formats.GptPartition], keep: set[int]) -
 def cmd_install(args: argparse.Namespace) -> int:
     from . import entries, gpt
     from .cli import MachineError
+    from .reset import definitions_with
 
     try:
+        if not definitions_with("Type", ("root",)):
+            raise InstallError(
+                "this image has no systemd-repart root definition (/usr/lib/repart.d; images of "
+                "Debian 12 have none): the copy would boot without a root partition. Install "
+                "the image from a host instead: particle install IMAGE DEVICE")
         disk, parts, keep, version = running_source()
         esp = entries.find_esp()
         ukis = running_ukis(esp, parts, keep)

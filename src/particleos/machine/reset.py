@@ -39,16 +39,22 @@ def variable_data(value: str = "1") -> bytes:
     return struct.pack("<I", ATTRIBUTES) + (value + "\0").encode("utf-16-le")
 
 
-def reset_definitions(dirs: tuple[Path, ...] | None = None) -> list[Path]:
-    """The repart definitions that mark a partition to be removed on a factory reset."""
+def definitions_with(setting: str, values: tuple[str, ...],
+                     dirs: tuple[Path, ...] | None = None) -> list[Path]:
+    """The repart definitions that set `setting` to one of `values` (case-insensitive)."""
+    wanted = {f"{setting}={v}".lower() for v in values}
     found = []
     for d in REPART_DIRS if dirs is None else dirs:
         for f in sorted(d.glob("*.conf")) if d.is_dir() else []:
-            lines = [ln.strip().replace(" ", "") for ln in f.read_text().splitlines()]
-            if any(ln.lower() in ("factoryreset=yes", "factoryreset=true", "factoryreset=1")
-                   for ln in lines):
+            lines = [ln.strip().replace(" ", "").lower() for ln in f.read_text().splitlines()]
+            if wanted.intersection(lines):
                 found.append(f)
     return found
+
+
+def reset_definitions(dirs: tuple[Path, ...] | None = None) -> list[Path]:
+    """The repart definitions that mark a partition to be removed on a factory reset."""
+    return definitions_with("FactoryReset", ("yes", "true", "1"), dirs)
 
 
 def requested(efivars: Path | None = None) -> bool:
