@@ -40,13 +40,14 @@ from ..formats import (
     sha256_file,
 )
 from .files import fsync_dir, write_atomic
+from .signature import KEYRINGS, SignatureError, update_keyring
+from .signature import verify as verify_signature
 from .versions import vercmp, version_key
 
 STATE = Path("/var/lib/particle")
 INCOMING = STATE / "incoming"
 KEPT = STATE / "chunks"  # indexes and manifests of the versions this machine holds
 SIGNATURE = "SHA256SUMS.gpg"
-KEYRINGS = (Path("/etc/systemd/import-pubring.gpg"), Path("/usr/lib/systemd/import-pubring.gpg"))
 MANIFEST_SUFFIX = ".manifest.json"
 # Parts of a version, in sysupdate's order; the UKI (which makes it bootable) is last.
 PART_SUFFIXES = (".usr-verity-sig.raw", ".usr-verity.raw", ".usr.raw", ".efi")
@@ -132,23 +133,6 @@ def fetch_verified(source: Source, name: str, want: str, work: Path) -> bytes:
     return data
 
 
-def verify_signature(data: Path, signature: Path, keyring: Path, work: Path) -> None:
-    """gpg checks SHA256SUMS.gpg against the keyring sysupdate uses (as systemd-pull does)."""
-    home = work / ".gnupg"
-    home.mkdir(mode=0o700, exist_ok=True)
-    argv = ["gpg", "--homedir", str(home), "--no-options", "--no-default-keyring",
-            "--no-auto-key-locate", "--no-auto-check-trustdb", "--batch", "--trust-model=always",
-            f"--keyring={keyring}", "--verify", str(signature), str(data)]
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        proc = subprocess.run(["gpgv", "--homedir", str(home), "--keyring", str(keyring),
-                               str(signature), str(data)],
-                              capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise DeltaError("SHA256SUMS.gpg does not verify with this machine's update key")
-
-
 def read_published(source: Source, work: Path, verify: bool) -> dict[str, str]:
     """The source's SHA256SUMS (name -> sha256), its signature checked when `verify`."""
     sums = work / SHA256SUMS
@@ -158,11 +142,15 @@ def read_published(source: Source, work: Path, verify: bool) -> dict[str, str]:
     try:
         fetch(source, items, work)
         if verify:
-            keyring = next((k for k in KEYRINGS if k.is_file()), None)
+            keyring = update_keyring(KEYRINGS)
             if keyring is None:
                 raise DeltaError("updates must be verified but the image has no "
                                  "import-pubring.gpg")
-            verify_signature(sums, work / SIGNATURE, keyring, work)
+            try:
+                verify_signature(sums, work / SIGNATURE, keyring, work / ".gnupg")
+            except SignatureError as err:
+                raise DeltaError("SHA256SUMS.gpg does not verify with this machine's update "
+                                 f"key: {err}") from None
         return parse_sha256sums(sums.read_text())
     finally:
         for _, p in items:

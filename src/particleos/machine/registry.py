@@ -5,8 +5,8 @@ systemd-sysupdate sees it:
 
 * each blob's SHA-256 is the digest the manifest names (a registry, cache or proxy that serves
   other bytes is caught);
-* the `SHA256SUMS` layer is signed by a key of the image's update keyring (gpgv against
-  /usr/lib/systemd/import-pubring.gpg, the keyring sysupdate checks URL sources with);
+* the `SHA256SUMS` layer is signed by a key of the image's update keyring (machine.signature:
+  import-pubring.gpg in /etc, else /usr/lib, the keyring sysupdate checks URL sources with);
 * every file is listed in that index with the digest the manifest gives it, and carries this
   image's id and the version being installed (the signature covers the names, so an old signed
   index cannot be passed off as a newer version).
@@ -48,13 +48,13 @@ from ..formats import (
     parse_sha256sums,
     sha256_file,
 )
+from . import signature as signature_check
 from .cli import MachineError
 from .versions import vercmp, version_key
 
 # Written by the builder (update.transfer.SOURCE_FILE) for a registry source.
 SOURCE_FILE = Path("/usr/lib/particle/update-source")
 AUTH_FILES = (Path("/etc/particle/auth.json"), Path("/etc/containers/auth.json"))
-KEYRING = Path("/usr/lib/systemd/import-pubring.gpg")
 SIGNATURE = SHA256SUMS + ".gpg"
 MANIFEST_V1 = "application/vnd.oci.image.manifest.v1+json"
 SCHEMES = {"oci": "https", "oci+http": "http"}
@@ -453,29 +453,15 @@ def check_index(files: list[Layer], sums: dict[str, str]) -> list[str]:
     return problems
 
 
-def verify_signature(data: Path, signature: Path, keyring: Path, home: Path,
-                     gpgv: str = "gpgv") -> str:
-    """gpgv against the image's update keyring; returns the signing key's fingerprint."""
-    if not keyring.is_file():
-        raise Refused(f"{keyring} is missing: this image has no key to check updates with")
-    home.mkdir(parents=True, exist_ok=True)
+def verify_signature(data: Path, signature: Path, keyring: Path, home: Path) -> str:
+    """The signed index against the image's update keyring; returns the signing key's
+    fingerprint (machine.signature, the check URL sources get too)."""
     try:
-        proc = subprocess.run([gpgv, "--homedir", str(home), "--status-fd", "1", "--keyring",
-                               str(keyring), str(signature), str(data)],
-                              capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise MachineError(f"{gpgv} is missing (package gpgv)") from None
-    good = re.search(r"^\[GNUPG:\] VALIDSIG (\S+)", proc.stdout, re.M)
-    if proc.returncode == 0 and good:
-        return good.group(1)
-    if re.search(r"^\[GNUPG:\] (NO_PUBKEY|ERRSIG)", proc.stdout, re.M):
-        why = "it is signed by a key this machine does not trust"
-    elif re.search(r"^\[GNUPG:\] BADSIG", proc.stdout, re.M):
-        why = "the signature does not match it"
-    else:
-        why = "the signature cannot be checked"
-    last = proc.stderr.strip().splitlines()[-1:] or [f"gpgv exit status {proc.returncode}"]
-    raise Refused(f"{SHA256SUMS}: {why} ({last[0]})")
+        return signature_check.verify(data, signature, keyring, home)
+    except signature_check.SignatureError as err:
+        if not keyring.is_file():
+            raise Refused(str(err)) from None
+        raise Refused(f"{SHA256SUMS}: {err}") from None
 
 
 # --------------------------------------------------------------------------- fetch
@@ -523,7 +509,7 @@ def newest_version(running: str, work: Path | None = None) -> str | None:
 
 def fetch(running: str, installed: Iterable[str], incoming: Path, *,
           source: Source | None = None, image_id: str | None = None,
-          auth_files: Iterable[Path] = AUTH_FILES, keyring: Path = KEYRING,
+          auth_files: Iterable[Path] = AUTH_FILES, keyring: Path | None = None,
           log: Callable[[str], None] = print) -> str | None:
     """Put the newest version's files into `incoming`, verified; returns its version, or None
     when there is nothing to install (up to date, or that version already has a boot entry).
@@ -532,6 +518,7 @@ def fetch(running: str, installed: Iterable[str], incoming: Path, *,
     if source is None:
         raise MachineError(f"{SOURCE_FILE} is missing: this image has no registry source")
     image_id = image_id if image_id is not None else _image()[0]
+    keyring = keyring or signature_check.update_keyring() or signature_check.KEYRINGS[-1]
     incoming.mkdir(parents=True, exist_ok=True)
     _clear(incoming)  # only what this run verifies may be installed from here
     work = incoming / ".oci"
