@@ -324,6 +324,45 @@ def build_manifests(build_dir: Path) -> list[tuple[Path, Manifest]]:
     return found
 
 
+# --- an update source and the files it publishes ------------------------------------------
+
+SIGNATURE: Final = SHA256SUMS + ".gpg"  # the detached OpenPGP signature of the index
+# The parts of a version an update installs, in sysupdate's order (the UKI, which makes the
+# version bootable, last); the usr-verity-sig part only on images that sign their root hash.
+PART_SUFFIXES: Final = (".usr-verity-sig.raw", ".usr-verity.raw", ".usr.raw", ".efi")
+REQUIRED_PART_SUFFIXES: Final = (".usr-verity.raw", ".usr.raw", ".efi")
+# The same transfers as /usr/lib/sysupdate.d with a local source: the machine puts a version's
+# files into INCOMING_DIR itself (rebuilt from chunks, or fetched from a registry), verifies
+# them, and lets sysupdate install them from there (`--definitions=`).
+LOCAL_SYSUPDATE_DIR: Final = "usr/lib/particle/sysupdate.local.d"  # below the image's root
+INCOMING_DIR: Final = "/var/lib/particle/incoming"
+# The `[update] source` of an image whose updates sysupdate cannot fetch itself (a registry),
+# written by the build below the image's root, read by the machine's `particle update`.
+SOURCE_FILE: Final = "usr/lib/particle/update-source"
+# A registry source's scheme -> the scheme its API is spoken in (oci+http: loopback/test ones).
+OCI_SCHEMES: Final = {"oci": "https", "oci+http": "http"}
+_PUBLISHED = re.compile(r"^([A-Za-z0-9.~^-]+?)(?:_[0-9a-fA-F-]{32,36})?"
+                        r"(\.usr\.raw|\.usr-verity\.raw|\.usr-verity-sig\.raw)$"
+                        r"|^([A-Za-z0-9.~^-]+?)(\.efi|\.manifest\.json)$")
+
+
+def is_oci(source: str | None) -> bool:
+    """A registry source: `particle update` fetches and verifies, sysupdate installs locally."""
+    return bool(source) and str(source).startswith(tuple(f"{s}://" for s in OCI_SCHEMES))
+
+
+def parse_published_name(name: str, image_id: str) -> tuple[str, str] | None:
+    """(version, suffix) of a file `particle publish` serves for `image_id`:
+    `ID_VERSION[_UUID].usr.raw` (and the hash tree and its signature), `ID_VERSION.efi`,
+    `ID_VERSION.manifest.json`; None for any other name."""
+    if not name.startswith(f"{image_id}_"):
+        return None
+    m = _PUBLISHED.match(name[len(image_id) + 1 :])
+    if not m:
+        return None
+    return (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+
+
 # --- the chunk store (delta updates) ----------------------------------------------------------
 #
 # Next to SHA256SUMS in a publish directory:

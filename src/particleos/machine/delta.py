@@ -22,20 +22,25 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..formats import (
+    INCOMING_DIR,
+    MANIFEST_SUFFIX,
+    PART_SUFFIXES,
+    REQUIRED_PART_SUFFIXES,
     SHA256SUMS,
+    SIGNATURE,
     ChunkError,
     ChunkIndex,
     chunk_index_file,
     chunk_index_name,
     chunk_relpath,
     decode_chunk,
+    parse_published_name,
     parse_sha256sums,
     sha256_file,
 )
@@ -45,12 +50,8 @@ from .signature import verify as verify_signature
 from .versions import vercmp, version_key
 
 STATE = Path("/var/lib/particle")
-INCOMING = STATE / "incoming"
+INCOMING = Path(INCOMING_DIR)
 KEPT = STATE / "chunks"  # indexes and manifests of the versions this machine holds
-SIGNATURE = "SHA256SUMS.gpg"
-MANIFEST_SUFFIX = ".manifest.json"
-# Parts of a version, in sysupdate's order; the UKI (which makes it bootable) is last.
-PART_SUFFIXES = (".usr-verity-sig.raw", ".usr-verity.raw", ".usr.raw", ".efi")
 BATCH_BYTES = 4 << 20  # chunks fetched per curl run: progress lines, and a bounded temp dir
 PARALLEL = 4  # connections at once (each is a new connection: static servers close them)
 
@@ -163,19 +164,17 @@ def read_published(source: Source, work: Path, verify: bool) -> dict[str, str]:
 
 def version_files(sums: dict[str, str], image_id: str) -> dict[str, dict[str, str]]:
     """Published version -> {part suffix: file name} for the parts an update installs."""
-    pattern = re.compile(rf"^{re.escape(image_id)}_([A-Za-z0-9.~^-]+?)(?:_[0-9a-f-]{{36}})?"
-                         r"(\.usr-verity-sig\.raw|\.usr-verity\.raw|\.usr\.raw|\.efi)$")
     found: dict[str, dict[str, str]] = {}
     for name in sums:
-        m = pattern.match(name)
-        if m:
-            found.setdefault(m.group(1), {})[m.group(2)] = name
+        parsed = parse_published_name(name, image_id)
+        if parsed and parsed[1] in PART_SUFFIXES:
+            found.setdefault(parsed[0], {})[parsed[1]] = name
     return found
 
 
 def newest(sums: dict[str, str], image_id: str, signed: bool) -> tuple[str, dict[str, str]] | None:
     """The newest version whose every part is published (as sysupdate picks it)."""
-    need = {".usr-verity.raw", ".usr.raw", ".efi"} | ({".usr-verity-sig.raw"} if signed else set())
+    need = set(REQUIRED_PART_SUFFIXES) | ({PART_SUFFIXES[0]} if signed else set())
     complete = {v: f for v, f in version_files(sums, image_id).items() if need <= f.keys()}
     if not complete:
         return None
@@ -382,12 +381,9 @@ def keep_file(name: str, data: bytes) -> None:
 
 def prune_kept(versions_here: set[str], image_id: str) -> None:
     """Drop the kept files of versions no longer on this machine."""
-    pattern = re.compile(rf"^{re.escape(image_id)}_([A-Za-z0-9.~^-]+?)(?:_[0-9a-f-]{{36}})?"
-                         r"(?:\.usr-verity-sig\.raw|\.usr-verity\.raw|\.usr\.raw|\.efi|"
-                         r"\.manifest\.json)$")
     for path in KEPT.iterdir() if KEPT.is_dir() else []:
-        m = pattern.match(chunk_index_file(path.name) or path.name)
-        if path.name.startswith(".") or (m and m.group(1) not in versions_here):
+        parsed = parse_published_name(chunk_index_file(path.name) or path.name, image_id)
+        if path.name.startswith(".") or (parsed and parsed[0] not in versions_here):
             with contextlib.suppress(OSError):
                 path.unlink()
 
@@ -570,7 +566,7 @@ def stage(o: Offer, source: Source, held: list[Held], say: Say) -> Staged:
         staged.full += tmp.stat().st_size
         os.rename(tmp, dest)
     fsync_dir(INCOMING)
-    manifest = f"{o.files['.efi'][: -len('.efi')]}{MANIFEST_SUFFIX}"
+    manifest = o.files[".efi"].removesuffix(".efi") + MANIFEST_SUFFIX
     if manifest in o.sums:
         with contextlib.suppress(DeltaError):
             staged.keep[manifest] = fetch_verified(source, manifest, o.sums[manifest], work)

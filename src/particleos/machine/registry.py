@@ -40,36 +40,32 @@ from typing import Any
 from ..formats import (
     OCI_ARTIFACT_TYPE,
     OCI_ID,
+    OCI_SCHEMES,
     OCI_TITLE,
     OCI_VERSION,
+    PART_SUFFIXES,
+    REQUIRED_PART_SUFFIXES,
     SHA256SUMS,
+    SIGNATURE,
     auth_file_credentials,
     oci_version_tag,
+    parse_published_name,
     parse_sha256sums,
     sha256_file,
 )
+from ..formats import SOURCE_FILE as SOURCE_FILE_PATH
 from . import signature as signature_check
 from .cli import MachineError
 from .versions import vercmp, version_key
 
-# Written by the builder (update.transfer.SOURCE_FILE) for a registry source.
-SOURCE_FILE = Path("/usr/lib/particle/update-source")
+# Written by the builder for a registry source.
+SOURCE_FILE = Path("/") / SOURCE_FILE_PATH
 AUTH_FILES = (Path("/etc/particle/auth.json"), Path("/etc/containers/auth.json"))
-SIGNATURE = SHA256SUMS + ".gpg"
 MANIFEST_V1 = "application/vnd.oci.image.manifest.v1+json"
-SCHEMES = {"oci": "https", "oci+http": "http"}
-# What the local transfers install (update.transfer.parts); the others are optional layers.
-SUFFIXES = (".usr-verity-sig.raw", ".usr-verity.raw", ".usr.raw", ".efi")
-REQUIRED = (".usr-verity.raw", ".usr.raw", ".efi")
 _HOST = re.compile(r"^(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:]+\])(?::\d{1,5})?$")
 _REPO = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)"
                    r"[a-z0-9]+)*)*$")
-_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-
-
-def is_oci(source: str | None) -> bool:
-    return bool(source) and str(source).startswith(tuple(f"{s}://" for s in SCHEMES))
 
 
 # --------------------------------------------------------------------------- the source
@@ -92,7 +88,7 @@ class Source:
 def parse_source(text: str) -> Source:
     """`oci://HOST[:PORT]/REPO` (https) or `oci+http://...`; ValueError says what is wrong."""
     scheme, sep, rest = text.partition("://")
-    if not sep or scheme not in SCHEMES:
+    if not sep or scheme not in OCI_SCHEMES:
         raise ValueError(f"{text}: not a registry source (allowed: oci://HOST[:PORT]/REPO, or "
                          "oci+http://HOST[:PORT]/REPO for a plain-http registry)")
     host, _, repo = rest.partition("/")
@@ -107,7 +103,7 @@ def parse_source(text: str) -> Source:
                          "letters, digits, . _ - and / between components)")
     if host == "docker.io" and "/" not in repo:
         repo = f"library/{repo}"
-    return Source(SCHEMES[scheme], host, repo)
+    return Source(OCI_SCHEMES[scheme], host, repo)
 
 
 def configured_source() -> Source | None:
@@ -425,15 +421,13 @@ def plan(doc: dict[str, Any], image_id: str, version: str) -> Plan:
     if SIGNATURE not in by_title:
         raise Refused(f"{SHA256SUMS} is not signed (no {SIGNATURE} layer: push with "
                       "--openpgp-key)")
-    stem = re.escape(f"{image_id}_{version}")
     files = []
-    for suffix in SUFFIXES:
-        pattern = rf"{stem}{re.escape(suffix)}" if suffix == ".efi" else \
-            rf"{stem}_{_UUID}{re.escape(suffix)}"
-        found = [layer for t, layer in by_title.items() if re.fullmatch(pattern, t)]
+    for suffix in PART_SUFFIXES:
+        found = [layer for t, layer in by_title.items()
+                 if parse_published_name(t, image_id) == (version, suffix)]
         if len(found) > 1:
             raise Refused(f"the manifest has more than one *{suffix} layer")
-        if not found and suffix in REQUIRED:
+        if not found and suffix in REQUIRED_PART_SUFFIXES:
             raise Refused(f"the manifest has no {image_id}_{version}*{suffix} layer")
         files += found
     return Plan(by_title[SHA256SUMS], by_title[SIGNATURE], files)

@@ -19,7 +19,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..formats import Manifest, chunk_index_name
+from ..formats import (
+    INCOMING_DIR,
+    LOCAL_SYSUPDATE_DIR,
+    MANIFEST_SUFFIX,
+    Manifest,
+    artifact_stem,
+    chunk_index_name,
+    is_oci,
+)
 from . import bootlog, changes, delta, gpt, registry, status, switch, sysext
 from . import entries as boot_entries
 from .cli import MachineError
@@ -28,10 +36,10 @@ from .versions import vercmp, version_key
 
 SYSUPDATE = "/usr/lib/systemd/systemd-sysupdate"
 LOCK = Path("/run/particle-update.lock")
-# Written by the builder (update.transfer.LOCAL_SYSUPDATE_DIR / INCOMING_DIR): the image's
-# transfers with a local source directory, for files particle fetched and verified itself.
-LOCAL_DEFINITIONS = Path("/usr/lib/particle/sysupdate.local.d")
-INCOMING = Path("/var/lib/particle/incoming")
+# Written by the builder: the image's transfers with a local source directory, for files
+# particle fetched and verified itself.
+LOCAL_DEFINITIONS = Path("/") / LOCAL_SYSUPDATE_DIR
+INCOMING = Path(INCOMING_DIR)
 
 
 def _sysupdate(*args: str, capture: bool = False) -> subprocess.CompletedProcess[str]:
@@ -81,7 +89,7 @@ def check(running: str) -> dict[str, Any]:
     """What a newer version would be: asks sysupdate (or the registry's tags) for every version
     it knows and the boot entries for what is already installed; for a version to install,
     what it costs (delta and full download) and its package changes."""
-    if registry.is_oci(status.update_source()):
+    if is_oci(status.update_source()):
         newest = registry.newest_version(running) or running
     else:
         proc = _sysupdate("--json=short", "list", capture=True)
@@ -115,7 +123,7 @@ def _preview(running: str, newest: str) -> dict[str, Any]:
     """Download sizes and package changes of an update to `newest` (what can be known: a
     source without a store or manifests gives less, never an error)."""
     ctx = _delta_setup()
-    if ctx is None or registry.is_oci(ctx[0].base):
+    if ctx is None or is_oci(ctx[0].base):
         return {}  # registries: the version and nothing more, for now
     source, image_id, verify, _ = ctx
     work = Path("/run/particle-check")
@@ -145,7 +153,7 @@ def _preview(running: str, newest: str) -> dict[str, Any]:
 def _manifest(image_id: str, version: str, sums: dict[str, str], source: delta.Source,
               work: Path) -> Manifest | None:
     """A version's build manifest: kept on this machine, else published (digest-checked)."""
-    name = f"{image_id}_{version}{delta.MANIFEST_SUFFIX}"
+    name = artifact_stem(image_id, version) + MANIFEST_SUFFIX
     try:
         return Manifest.from_json((delta.KEPT / name).read_text())
     except (OSError, ValueError):
@@ -342,7 +350,7 @@ def cmd_update(args: argparse.Namespace) -> int:
         for name in switch.detach_stale_usr():
             print(f"detached the unused /usr device {name}")
         print(f"running {running}; looking for updates at {status.update_source()}", flush=True)
-        if registry.is_oci(status.update_source()):  # particle fetches and verifies, then
+        if is_oci(status.update_source()):  # particle fetches and verifies, then
             if registry.fetch(running, {e.version for e in before}, INCOMING):  # sysupdate
                 install_local()
         elif not install_by_delta(running):

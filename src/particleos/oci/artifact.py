@@ -30,6 +30,7 @@ from ..formats import (
     OCI_TITLE,
     OCI_VERSION,
     SHA256SUMS,
+    SIGNATURE,
     Manifest,
     format_sha256sums,
     oci_version_tag,
@@ -37,7 +38,7 @@ from ..formats import (
     sha256_file,
 )
 from ..ui import ui
-from ..update.publish import SIGNATURE, Signer, find_version
+from ..update.publish import Signer, find_version
 from .registry import MANIFEST_V1, Credentials, Reference, Registry
 
 ARTIFACT_TYPE: Final = OCI_ARTIFACT_TYPE
