@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from particleos import formats, openpgp
-from particleos.formats import ChunkIndex, cdc_cuts, chunk_index_name, chunk_path, encode_chunk
+from particleos.formats import ChunkIndex, chunk_index_name, chunk_path, encode_chunk
 from particleos.machine import delta, update
 from particleos.machine.cli import MachineError
+from particleos.store.chunker import CDC_DEFAULT, cdc_cuts
 
 ID = "demo"
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
@@ -28,7 +29,7 @@ def index_of(name: str, data: bytes) -> ChunkIndex:
         chunks.append((formats.hashlib.sha256(piece).hexdigest(), size, len(encode_chunk(piece))))
         off += size
     return ChunkIndex(name, len(data), formats.hashlib.sha256(data).hexdigest(),
-                      dict(formats.CDC_DEFAULT), chunks)
+                      dict(CDC_DEFAULT), chunks)
 
 
 def store(root: Path, name: str, data: bytes) -> ChunkIndex:

@@ -23,8 +23,6 @@ from typing import Any
 
 from ..errors import ParticleError
 from ..formats import (
-    CDC_DEFAULT,
-    CDC_FILESYSTEM,
     CHUNK_SUFFIX,
     CHUNKS_DIR,
     ChunkError,
@@ -33,7 +31,7 @@ from ..formats import (
     chunk_path,
     encode_chunk,
 )
-from .chunker import chunks
+from .chunker import CDC_DEFAULT, CDC_FILESYSTEM, chunks
 
 IN_FLIGHT = 64  # chunks being compressed at once (bounds memory: 64 x max chunk size)
 
