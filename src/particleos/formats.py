@@ -518,11 +518,34 @@ def oci_version_tag(version: str) -> str:
     return tag if re.match(r"^[A-Za-z0-9_]", tag) else f"v{tag}"[:128]
 
 
-def auth_file_credentials(path: Path, keys: list[str]) -> tuple[str, str] | None:
-    """(user, password) for the first of `keys` (registry host spellings) in a containers
-    `auth.json` / docker `config.json` (`auths.KEY.auth` = base64 of `user:password`), the
-    files `particle push` and machines read. None when the file or the entry is missing;
-    ValueError saying why when the file cannot be read or the entry is malformed."""
+DOCKER_HUB: Final = "docker.io"
+_REPOSITORY = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)"
+                         r"[a-z0-9]+)*)*$")
+
+
+def oci_repository(host: str, name: str) -> str | None:
+    """The repository `name` as the registry at `host` knows it (Docker Hub's one-component
+    names are `library/NAME`), or None when it is not a repository name (lower case letters,
+    digits, `. _ -` within components, `/` between them)."""
+    if host == DOCKER_HUB and "/" not in name:
+        name = f"library/{name}"
+    return name if _REPOSITORY.match(name) else None
+
+
+def oci_api_host(host: str) -> str:
+    """Where the registry `host` serves its API (Docker Hub's is not docker.io itself)."""
+    return "registry-1.docker.io" if host == DOCKER_HUB else host
+
+
+def auth_file_credentials(path: Path, host: str) -> tuple[str, str] | None:
+    """(user, password) for the registry `host` in a containers `auth.json` / docker
+    `config.json` (`auths.KEY.auth` = base64 of `user:password`, KEY the host as written, with
+    a scheme, or Docker Hub's legacy index names), the files `particle push` and machines read.
+    None when the file or the entry is missing; ValueError saying why when the file cannot be
+    read or the entry is malformed."""
+    keys = [host, f"https://{host}", f"http://{host}"]
+    if host == DOCKER_HUB:
+        keys += ["https://index.docker.io/v1/", "index.docker.io"]
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:

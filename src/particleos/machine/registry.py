@@ -48,6 +48,8 @@ from ..formats import (
     SHA256SUMS,
     SIGNATURE,
     auth_file_credentials,
+    oci_api_host,
+    oci_repository,
     oci_version_tag,
     parse_published_name,
     parse_sha256sums,
@@ -63,8 +65,6 @@ SOURCE_FILE = Path("/") / SOURCE_FILE_PATH
 AUTH_FILES = (Path("/etc/particle/auth.json"), Path("/etc/containers/auth.json"))
 MANIFEST_V1 = "application/vnd.oci.image.manifest.v1+json"
 _HOST = re.compile(r"^(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:]+\])(?::\d{1,5})?$")
-_REPO = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)"
-                   r"[a-z0-9]+)*)*$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
@@ -79,7 +79,7 @@ class Source:
 
     @property
     def api_host(self) -> str:
-        return "registry-1.docker.io" if self.host == "docker.io" else self.host
+        return oci_api_host(self.host)
 
     def __str__(self) -> str:
         return f"{'oci' if self.scheme == 'https' else 'oci+http'}://{self.host}/{self.repository}"
@@ -98,12 +98,11 @@ def parse_source(text: str) -> Source:
     if "@" in repo or ":" in repo:
         raise ValueError(f"{text}: give the repository without a tag or digest (machines pick "
                          "the newest version among its tags)")
-    if not _REPO.match(repo):
+    repository = oci_repository(host, repo)
+    if repository is None:
         raise ValueError(f"{text}: {repo!r} is not a repository name (allowed: lower case "
                          "letters, digits, . _ - and / between components)")
-    if host == "docker.io" and "/" not in repo:
-        repo = f"library/{repo}"
-    return Source(OCI_SCHEMES[scheme], host, repo)
+    return Source(OCI_SCHEMES[scheme], host, repository)
 
 
 def configured_source() -> Source | None:
@@ -133,10 +132,9 @@ class Credentials:
 
 def find_credentials(host: str, files: Iterable[Path] = AUTH_FILES) -> Credentials | None:
     """`user:password` for `host` from the first auth file that has an entry for it."""
-    keys = [host, f"https://{host}", f"http://{host}"]
     for path in files:
         try:
-            found = auth_file_credentials(path, keys)
+            found = auth_file_credentials(path, host)
         except ValueError as err:
             raise MachineError(str(err)) from None
         if found is not None:
