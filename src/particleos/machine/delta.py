@@ -44,7 +44,7 @@ from ..formats import (
     parse_sha256sums,
     sha256_file,
 )
-from .files import fsync_dir, write_atomic
+from .files import clear_dir, fsync_dir, write_atomic
 from .signature import KEYRINGS, SignatureError, update_keyring
 from .signature import verify as verify_signature
 from .versions import vercmp, version_key
@@ -577,16 +577,8 @@ def stage(o: Offer, source: Source, held: list[Held], say: Say) -> Staged:
 
 def clean_incoming() -> None:
     """Remove what an earlier (interrupted) update left in INCOMING."""
-    if not INCOMING.exists():
-        INCOMING.mkdir(parents=True)
-        return
-    for root, dirs, names in os.walk(INCOMING, topdown=False):
-        for n in names:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(root, n))
-        for d in dirs:
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.join(root, d))
+    INCOMING.mkdir(parents=True, exist_ok=True)
+    clear_dir(INCOMING)
 
 
 FACTORY_DPKG_STATUS = Path("/usr/share/factory/var/lib/dpkg/status")

@@ -58,6 +58,7 @@ from ..formats import (
 from ..formats import SOURCE_FILE as SOURCE_FILE_PATH
 from . import signature as signature_check
 from .cli import MachineError
+from .files import clear_dir, remove_tree
 from .versions import vercmp, version_key
 
 # Written by the builder for a registry source.
@@ -459,16 +460,6 @@ def verify_signature(data: Path, signature: Path, keyring: Path, home: Path) -> 
 # --------------------------------------------------------------------------- fetch
 
 
-def _clear(directory: Path) -> None:
-    """Remove the files of a flat directory (no shutil in python3-minimal)."""
-    for p in directory.iterdir() if directory.is_dir() else []:
-        if p.is_dir() and not p.is_symlink():
-            _clear(p)
-            p.rmdir()
-        else:
-            p.unlink()
-
-
 def _image() -> tuple[str, str]:
     from .entries import os_release_fields
     from .status import OS_RELEASE
@@ -494,9 +485,7 @@ def newest_version(running: str, work: Path | None = None) -> str | None:
         found = choose(client.tags(), client.manifest, image_id, running)
         return found.version if found else None
     finally:
-        _clear(work)
-        if work.is_dir():
-            work.rmdir()
+        remove_tree(work)
 
 
 def fetch(running: str, installed: Iterable[str], incoming: Path, *,
@@ -512,7 +501,7 @@ def fetch(running: str, installed: Iterable[str], incoming: Path, *,
     image_id = image_id if image_id is not None else _image()[0]
     keyring = keyring or signature_check.update_keyring() or signature_check.KEYRINGS[-1]
     incoming.mkdir(parents=True, exist_ok=True)
-    _clear(incoming)  # only what this run verifies may be installed from here
+    clear_dir(incoming)  # only what this run verifies may be installed from here
     work = incoming / ".oci"
     done = False
     try:
@@ -533,11 +522,9 @@ def fetch(running: str, installed: Iterable[str], incoming: Path, *,
         done = True
         return version
     finally:
-        _clear(work)
-        if work.is_dir():
-            work.rmdir()
+        remove_tree(work)
         if not done:
-            _clear(incoming)
+            clear_dir(incoming)
 
 
 def _fetch_verified(client: Client, found: Candidate, image_id: str, incoming: Path,

@@ -32,6 +32,7 @@ from . import bootlog, changes, delta, gpt, registry, status, switch, sysext
 from . import entries as boot_entries
 from .cli import MachineError
 from .entries import Entry
+from .files import clear_dir, remove_tree
 from .versions import vercmp, version_key
 
 SYSUPDATE = "/usr/lib/systemd/systemd-sysupdate"
@@ -128,7 +129,7 @@ def _preview(running: str, newest: str) -> dict[str, Any]:
     source, image_id, verify, _ = ctx
     work = Path("/run/particle-check")
     out: dict[str, Any] = {}
-    _clean_dir(work)
+    remove_tree(work)
     work.mkdir(mode=0o700, parents=True)
     try:
         sums = delta.read_published(source, work, verify)
@@ -146,7 +147,7 @@ def _preview(running: str, newest: str) -> dict[str, Any]:
     except delta.DeltaError as err:
         out["note"] = f"no details: {err}"
     finally:
-        _clean_dir(work)
+        remove_tree(work)
     return out
 
 
@@ -233,16 +234,6 @@ def _held(image_id: str) -> list[delta.Held]:
     held += [delta.Held(f"{image_id}_{e.version}.efi", str(e.path), f"UKI {e.version}")
              for e in found]
     return held
-
-
-def _clean_dir(path: Path) -> None:
-    for root, dirs, names in os.walk(path, topdown=False) if path.exists() else []:
-        for n in names:
-            os.unlink(os.path.join(root, n))
-        for d in dirs:
-            os.rmdir(os.path.join(root, d))
-    if path.exists():
-        os.rmdir(path)
 
 
 def _extension_transfers() -> bool:
@@ -392,9 +383,7 @@ def install_local() -> None:
         proc = _sysupdate(f"--definitions={LOCAL_DEFINITIONS}", "update")
         _finish_install(proc, f"systemd-sysupdate update from {INCOMING}")
     finally:
-        for f in INCOMING.iterdir() if INCOMING.is_dir() else []:
-            if f.is_file():
-                f.unlink()
+        clear_dir(INCOMING)
 
 
 def _finish_install(proc: subprocess.CompletedProcess[str], what: str) -> None:
