@@ -286,8 +286,8 @@ def test_update_falls_back_to_the_full_download_when_the_delta_fails(
     o = delta.Offer("2", {".usr.raw": f"{ID}_2_u.usr.raw"},
                     {f"{ID}_2_u.usr.raw": "0" * 64,
                      chunk_index_name(f"{ID}_2_u.usr.raw"): "1" * 64})
-    monkeypatch.setattr(update, "_delta_setup", lambda: (delta.Source("/nowhere"), ID, False,
-                                                         False))
+    monkeypatch.setattr(update, "_delta_setup", lambda source: (delta.Source(source), ID,
+                                                                False, False))
     monkeypatch.setattr(delta, "offer", lambda *a, **k: o)
     monkeypatch.setattr(update, "_entries", lambda: (tmp_path, []))
     monkeypatch.setattr(update, "_held", lambda image_id: [])
@@ -298,7 +298,7 @@ def test_update_falls_back_to_the_full_download_when_the_delta_fails(
         raise delta.DeltaError("chunk 0123... of demo_2_u.usr.raw fails its digest")
 
     monkeypatch.setattr(delta, "stage", broken_stage)
-    assert update.install_by_delta("1") is False
+    assert update.install_by_delta("1", "/nowhere") is False
     out = capsys.readouterr().out
     assert out == ("delta update not possible: chunk 0123... of demo_2_u.usr.raw fails its "
                    "digest; falling back to the full download\n")
@@ -310,17 +310,17 @@ def test_update_falls_back_to_the_full_download_when_the_delta_fails(
         raise MachineError("systemd-sysupdate update from /var/lib/particle/incoming failed")
 
     monkeypatch.setattr(update, "install_local", failing_install)
-    assert update.install_by_delta("1") is False
+    assert update.install_by_delta("1", "/nowhere") is False
     assert "falling back to the full download" in capsys.readouterr().out
     # Installed extensions have transfers the local install would not run: whole download.
     monkeypatch.setattr(update, "_extension_transfers", lambda: True)
-    assert update.install_by_delta("1") is False
+    assert update.install_by_delta("1", "/nowhere") is False
     assert "delta updates do not cover extensions yet" in capsys.readouterr().out
     monkeypatch.setattr(update, "_extension_transfers", lambda: False)
     # A source without a store: one line, then the full download.
     monkeypatch.setattr(delta, "offer", lambda *a, **k: delta.Offer(
         "2", {".usr.raw": f"{ID}_2_u.usr.raw"}, {f"{ID}_2_u.usr.raw": "0" * 64}))
-    assert update.install_by_delta("1") is False
+    assert update.install_by_delta("1", "/nowhere") is False
     assert capsys.readouterr().out == (
         "no chunk store at /nowhere for 2: downloading it whole\n")
 

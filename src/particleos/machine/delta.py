@@ -206,12 +206,10 @@ def seed_locations(seeds: Iterable[Seed]) -> dict[str, list[Location]]:
     """Chunk digest -> where seeds claim to hold it (first seed first)."""
     found: dict[str, list[Location]] = {}
     for seed in seeds:
-        offset = 0
-        for digest, size, _ in seed.index.chunks:
+        for digest, offset, size in seed.index.offsets():
             where = found.setdefault(digest, [])
             if len(where) < 2:  # a second place covers a bad first; more cost only lookups
                 where.append(Location(seed.path, offset, size))
-            offset += size
     return found
 
 
@@ -238,7 +236,8 @@ def estimate(target: ChunkIndex, known: set[str]) -> Estimate:
     return est
 
 
-# Fetches chunks (digest, size, stored size), yielding (digest, the chunk's bytes).
+# Fetches chunks (digest, size, stored size), yielding (digest, the chunk's bytes), each
+# checked against its digest (decode_chunk does): reconstruct writes them as they come.
 ChunkFetcher = Callable[[list[tuple[str, int, int]]], Iterator[tuple[str, bytes]]]
 
 
@@ -263,10 +262,8 @@ def reconstruct(target: ChunkIndex, want_sha256: str, dest: Path,
                          "SHA256SUMS lists")
     result = Result(dest.name)
     places: dict[str, list[int]] = {}
-    offset = 0
-    for digest, size, _ in target.chunks:
+    for digest, offset, _ in target.offsets():
         places.setdefault(digest, []).append(offset)
-        offset += size
     sizes = {d: (s, z) for d, s, z in target.chunks}
     tmp = dest.with_name(f".{dest.name}.part")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -298,9 +295,7 @@ def reconstruct(target: ChunkIndex, want_sha256: str, dest: Path,
                 result.local += len(data)
         say(f"{dest.name}: {mib(result.local)} from this machine, {len(missing)} chunks "
             f"({mib(sum(z for _, _, z in missing))}) to fetch")
-        for digest, data in fetch_chunks(missing):
-            if sha256_bytes(data) != digest:
-                raise DeltaError(f"chunk {digest[:16]}... of {target.file} fails its digest")
+        for digest, data in fetch_chunks(missing):  # checked by the fetcher (decode_chunk)
             for off in places[digest]:
                 os.pwrite(fd, data, off)
             result.fetched_chunks += 1

@@ -52,10 +52,13 @@ def _sysupdate(*args: str, capture: bool = False) -> subprocess.CompletedProcess
                           stderr=subprocess.PIPE if capture else None)
 
 
-def _require_definitions() -> None:
-    if status.update_source() is None:
+def _require_definitions() -> str:
+    """The image's update source (read once per command: every step uses this one)."""
+    source = status.update_source()
+    if source is None:
         raise MachineError("this image has no update definitions (build it with "
                            "[update] source set)")
+    return source
 
 
 def _running_version() -> str:
@@ -86,11 +89,11 @@ def _automatic_update_running() -> bool:
     return proc.returncode == 0
 
 
-def check(running: str) -> dict[str, Any]:
+def check(running: str, source: str) -> dict[str, Any]:
     """What a newer version would be: asks sysupdate (or the registry's tags) for every version
     it knows and the boot entries for what is already installed; for a version to install,
     what it costs (delta and full download) and its package changes."""
-    if is_oci(status.update_source()):
+    if is_oci(source):
         newest = registry.newest_version(running) or running
     else:
         proc = _sysupdate("--json=short", "list", capture=True)
@@ -111,7 +114,7 @@ def check(running: str) -> dict[str, Any]:
     if installed is None:
         result |= {"state": "available",
                    "message": f"update available: {newest} (running {running})"}
-        result |= _preview(running, newest)
+        result |= _preview(running, newest, source)
         return result
     if installed.state == "bad":
         return result | {"state": "bad", "message": f"up to date: {running}; {newest} is "
@@ -120,13 +123,12 @@ def check(running: str) -> dict[str, Any]:
                      "message": f"{newest} is installed and boots next (running {running})"}
 
 
-def _preview(running: str, newest: str) -> dict[str, Any]:
+def _preview(running: str, newest: str, update_source: str) -> dict[str, Any]:
     """Download sizes and package changes of an update to `newest` (what can be known: a
     source without a store or manifests gives less, never an error)."""
-    ctx = _delta_setup()
-    if ctx is None or is_oci(ctx[0].base):
+    if is_oci(update_source):
         return {}  # registries: the version and nothing more, for now
-    source, image_id, verify, _ = ctx
+    source, image_id, verify, _ = _delta_setup(update_source)
     work = Path("/run/particle-check")
     out: dict[str, Any] = {}
     remove_tree(work)
@@ -200,11 +202,8 @@ def render_check(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _delta_setup() -> tuple[delta.Source, str, bool, bool] | None:
+def _delta_setup(source: str) -> tuple[delta.Source, str, bool, bool]:
     """(source, image id, verify the index, signed /usr) from the image's transfer files."""
-    source = status.update_source()
-    if source is None:
-        return None
     image_id = boot_entries.os_release_fields(status.OS_RELEASE.read_text()).get("IMAGE_ID", "")
     verify = signed = False
     for d in status.SYSUPDATE_DIRS:
@@ -244,14 +243,11 @@ def _extension_transfers() -> bool:
                               for p in d.glob("*.transfer"))
 
 
-def install_by_delta(running: str) -> bool:
+def install_by_delta(running: str, update_source: str) -> bool:
     """Install the newest version from chunks this machine has plus those the source's store
     holds. False when sysupdate's own download has to do it: nothing newer, no store, or the
     delta failed (said in one line; nothing of it is installed)."""
-    ctx = _delta_setup()
-    if ctx is None:
-        return False
-    source, image_id, verify, signed = ctx
+    source, image_id, verify, signed = _delta_setup(update_source)
     delta.clean_incoming()
     work = delta.INCOMING / ".work"
     work.mkdir(parents=True, exist_ok=True)
@@ -313,10 +309,10 @@ def running_unproven(found: list[Entry], running: str) -> str | None:
 
 
 def cmd_update(args: argparse.Namespace) -> int:
-    _require_definitions()
+    source = _require_definitions()
     running = _running_version()
     if args.check:
-        result = check(running)
+        result = check(running, source)
         if args.json or args.update_json:
             print(json.dumps(result, indent=2))
         else:
@@ -340,11 +336,11 @@ def cmd_update(args: argparse.Namespace) -> int:
             print(f"removed an interrupted download: {p}")
         for name in switch.detach_stale_usr():
             print(f"detached the unused /usr device {name}")
-        print(f"running {running}; looking for updates at {status.update_source()}", flush=True)
-        if is_oci(status.update_source()):  # particle fetches and verifies, then
+        print(f"running {running}; looking for updates at {source}", flush=True)
+        if is_oci(source):  # particle fetches and verifies, then
             if registry.fetch(running, {e.version for e in before}, INCOMING):  # sysupdate
                 install_local()
-        elif not install_by_delta(running):
+        elif not install_by_delta(running, source):
             install_from_source()
     _, found = _entries()
     default = next((e for e in found if e.default), None)
