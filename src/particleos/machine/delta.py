@@ -24,7 +24,7 @@ import hashlib
 import os
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..formats import (
@@ -213,27 +213,11 @@ def seed_locations(seeds: Iterable[Seed]) -> dict[str, list[Location]]:
     return found
 
 
-@dataclass
-class Estimate:
-    """What a delta would take, from the indexes alone (seeds not read yet)."""
-
-    size: int = 0  # bytes of the target files
-    local: int = 0  # bytes the seeds' indexes claim to hold
-    fetch: int = 0  # bytes of chunks to fetch, as stored (compressed when the index says)
-    chunks: int = 0
-
-
-def estimate(target: ChunkIndex, known: set[str]) -> Estimate:
-    """Bytes held locally and to fetch for `target` when the chunks in `known` are here."""
-    est = Estimate(size=target.size)
+def estimate(target: ChunkIndex, known: set[str]) -> int:
+    """Bytes of chunks to fetch for `target` (as stored: compressed) when the chunks in
+    `known` are here, from the indexes alone (seeds not read yet)."""
     stored = target.stored_sizes()
-    for digest, size, _ in target.chunks:
-        if digest in known:
-            est.local += size
-    for digest in target.digests() - known:
-        est.chunks += 1
-        est.fetch += stored[digest]
-    return est
+    return sum(stored[digest] for digest in target.digests() - known)
 
 
 # Fetches chunks (digest, size, stored size), yielding (digest, the chunk's bytes), each
@@ -243,13 +227,11 @@ ChunkFetcher = Callable[[list[tuple[str, int, int]]], Iterator[tuple[str, bytes]
 
 @dataclass
 class Result:
-    name: str
     local: int = 0  # bytes copied from seeds
     fetched_chunks: int = 0
     fetched: int = 0  # bytes of chunks fetched (uncompressed)
     fetched_stored: int = 0  # the same as downloaded (compressed)
     bad_seeds: int = 0  # seed chunks that failed their digest (used from elsewhere)
-    seeds_used: set[str] = field(default_factory=set)
 
 
 def reconstruct(target: ChunkIndex, want_sha256: str, dest: Path,
@@ -260,7 +242,7 @@ def reconstruct(target: ChunkIndex, want_sha256: str, dest: Path,
     if target.sha256 != want_sha256:
         raise DeltaError(f"{chunk_index_name(target.file)} describes another file than "
                          "SHA256SUMS lists")
-    result = Result(dest.name)
+    result = Result()
     places: dict[str, list[int]] = {}
     for digest, offset, _ in target.offsets():
         places.setdefault(digest, []).append(offset)
@@ -284,7 +266,6 @@ def reconstruct(target: ChunkIndex, want_sha256: str, dest: Path,
                 piece = os.pread(seeds[loc.path], loc.size, loc.offset)
                 if sha256_bytes(piece) == digest:
                     data = piece
-                    result.seeds_used.add(loc.path)
                     break
                 result.bad_seeds += 1
             if data is None:
@@ -472,7 +453,6 @@ def seeds_for(held: list[Held], sums: dict[str, str], source: Source, work: Path
 
 @dataclass
 class Preview:
-    version: str
     delta: int  # bytes a delta update downloads (chunks as stored, indexes, small files)
     full: int  # bytes of the full download
     seeds: list[str]
@@ -491,15 +471,15 @@ def preview(o: Offer, source: Source, held: list[Held], work: Path) -> Preview:
     for name in o.files.values():
         if name in indexes:
             full += indexes[name][0].size
-            delta += estimate(indexes[name][0], known).fetch
+            delta += estimate(indexes[name][0], known)
         else:
-            size = remote_size(source, name, work)
+            size = remote_size(source, name)
             full += size
             delta += size
-    return Preview(o.version, delta if indexes else full, full, [s.what for s in seeds])
+    return Preview(delta if indexes else full, full, [s.what for s in seeds])
 
 
-def remote_size(source: Source, name: str, work: Path) -> int:
+def remote_size(source: Source, name: str) -> int:
     """The size of a published file (a HEAD request; a local file's size)."""
     if "://" not in source.base:
         try:
@@ -534,7 +514,7 @@ def stage(o: Offer, source: Source, held: list[Held], say: Say) -> Staged:
         raise DeltaError(f"{mib(need)} needed in {INCOMING}, {mib(free_bytes(INCOMING))} free")
     seeds = seeds_for(held, o.sums, source, work)
     locations = seed_locations(seeds)
-    expected = sum(estimate(i, set(locations)).fetch for i, _ in indexes.values())
+    expected = sum(estimate(i, set(locations)) for i, _ in indexes.values())
     say(f"delta update to {o.version}: seeds {', '.join(s.what for s in seeds) or 'none'}; "
         f"about {mib(expected)} of chunks to fetch for {mib(need)}")
     fetcher = store_fetcher(source, work, say)

@@ -195,7 +195,6 @@ class Client:
         self.credentials = credentials
         self.curl = curl
         self.authorization: str | None = None
-        self.requests: list[tuple[str, int]] = []  # (path, status), what we asked
 
     def _curl(self, url: str, *, accept: str | None = None, out: Path | None = None,
               authorization: str | None = None) -> Reply:
@@ -226,7 +225,6 @@ class Client:
                 reply.body = body.read_bytes()
             if out is None:
                 body.unlink(missing_ok=True)
-        self.requests.append((urllib.parse.urlsplit(url).path, status))
         return reply
 
     def get(self, path: str, *, accept: str | None = None, out: Path | None = None,

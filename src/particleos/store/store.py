@@ -41,7 +41,7 @@ def params_for(name: str) -> dict[str, Any]:
     image, extension images) and the verity tree (a changed data block changes 32 bytes of
     it: v1 -> v1 + htop, 0.56 MiB new at 4/16/64 KiB against 0.81 at 16/64/256), the
     default for the UKI."""
-    if name.endswith((".efi", ".usr-verity-sig.raw")):
+    if name.endswith(".efi"):
         return dict(CDC_DEFAULT)
     return dict(CDC_FILESYSTEM)
 

@@ -143,7 +143,7 @@ def publish(
         if chunks:
             for name in built.chunkable:
                 iname = chunk_index_name(name)
-                if iname in index and (update_dir / iname).is_file():
+                if iname in index:  # the index holds only files that are there
                     continue  # this very file was chunked before (a version never changes)
                 chunk_index, stats = put_file(update_dir, update_dir / name, name)
                 data = chunk_index.to_bytes()
