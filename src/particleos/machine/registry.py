@@ -58,6 +58,7 @@ from ..formats import (
 from ..formats import SOURCE_FILE as SOURCE_FILE_PATH
 from . import signature as signature_check
 from .cli import MachineError
+from .entries import running_image
 from .files import clear_dir, remove_tree
 from .versions import vercmp, version_key
 
@@ -458,14 +459,6 @@ def verify_signature(data: Path, signature: Path, keyring: Path, home: Path) -> 
 # --------------------------------------------------------------------------- fetch
 
 
-def _image() -> tuple[str, str]:
-    from .entries import os_release_fields
-    from .status import OS_RELEASE
-
-    fields = os_release_fields(OS_RELEASE.read_text())
-    return fields.get("IMAGE_ID", ""), fields.get("IMAGE_VERSION", "")
-
-
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
@@ -479,7 +472,7 @@ def newest_version(running: str, work: Path | None = None) -> str | None:
     work = work or Path(f"/run/particle-registry.{os.getpid()}")
     try:
         client = Client(source, work, find_credentials(source.host))
-        image_id, _ = _image()
+        image_id, _ = running_image()
         found = choose(client.tags(), client.manifest, image_id, running)
         return found.version if found else None
     finally:
@@ -496,7 +489,7 @@ def fetch(running: str, installed: Iterable[str], incoming: Path, *,
     source = source or configured_source()
     if source is None:
         raise MachineError(f"{SOURCE_FILE} is missing: this image has no registry source")
-    image_id = image_id if image_id is not None else _image()[0]
+    image_id = image_id if image_id is not None else running_image()[0]
     keyring = keyring or signature_check.update_keyring() or signature_check.KEYRINGS[-1]
     incoming.mkdir(parents=True, exist_ok=True)
     clear_dir(incoming)  # only what this run verifies may be installed from here

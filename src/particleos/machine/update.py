@@ -62,7 +62,7 @@ def _require_definitions() -> str:
 
 
 def _running_version() -> str:
-    return boot_entries.os_release_fields(status.OS_RELEASE.read_text()).get("IMAGE_VERSION", "?")
+    return boot_entries.running_image()[1]
 
 
 def _entries() -> tuple[Path, list[Entry]]:
@@ -204,7 +204,7 @@ def render_check(result: dict[str, Any]) -> str:
 
 def _delta_setup(source: str) -> tuple[delta.Source, str, bool, bool]:
     """(source, image id, verify the index, signed /usr) from the image's transfer files."""
-    image_id = boot_entries.os_release_fields(status.OS_RELEASE.read_text()).get("IMAGE_ID", "")
+    image_id = boot_entries.running_image()[0]
     verify = signed = False
     for d in status.SYSUPDATE_DIRS:
         for f in sorted(d.glob("*.transfer")) if d.is_dir() else []:
@@ -416,7 +416,7 @@ def choose_rollback(found: list[Entry], slot_of: dict[str, bool]) -> tuple[Entry
 def _entries_on_disk() -> tuple[list[Entry], dict[str, bool]]:
     """The boot entries, and which of them have their /usr on this disk (name -> True)."""
     _, found = _entries()
-    image_id = boot_entries.os_release_fields(status.OS_RELEASE.read_text()).get("IMAGE_ID", "")
+    image_id = boot_entries.running_image()[0]
     st_slots = status.slots_from_gpt(gpt.read_disk_gpt(_disk()), image_id)
     status.link_entries(st_slots, found)
     return found, {name: True for s in st_slots for name in s.entries}
