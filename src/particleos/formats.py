@@ -13,7 +13,6 @@ from __future__ import annotations
 import binascii
 import hashlib
 import json
-import math
 import os
 import re
 import struct
@@ -324,6 +323,45 @@ def build_manifests(build_dir: Path) -> list[tuple[Path, Manifest]]:
     return found
 
 
+# --- an update source and the files it publishes ------------------------------------------
+
+SIGNATURE: Final = SHA256SUMS + ".gpg"  # the detached OpenPGP signature of the index
+# The parts of a version an update installs, in sysupdate's order (the UKI, which makes the
+# version bootable, last); the usr-verity-sig part only on images that sign their root hash.
+PART_SUFFIXES: Final = (".usr-verity-sig.raw", ".usr-verity.raw", ".usr.raw", ".efi")
+REQUIRED_PART_SUFFIXES: Final = (".usr-verity.raw", ".usr.raw", ".efi")
+# The same transfers as /usr/lib/sysupdate.d with a local source: the machine puts a version's
+# files into INCOMING_DIR itself (rebuilt from chunks, or fetched from a registry), verifies
+# them, and lets sysupdate install them from there (`--definitions=`).
+LOCAL_SYSUPDATE_DIR: Final = "usr/lib/particle/sysupdate.local.d"  # below the image's root
+INCOMING_DIR: Final = "/var/lib/particle/incoming"
+# The `[update] source` of an image whose updates sysupdate cannot fetch itself (a registry),
+# written by the build below the image's root, read by the machine's `particle update`.
+SOURCE_FILE: Final = "usr/lib/particle/update-source"
+# A registry source's scheme -> the scheme its API is spoken in (oci+http: loopback/test ones).
+OCI_SCHEMES: Final = {"oci": "https", "oci+http": "http"}
+_PUBLISHED = re.compile(r"^([A-Za-z0-9.~^-]+?)(?:_[0-9a-fA-F-]{32,36})?"
+                        r"(\.usr\.raw|\.usr-verity\.raw|\.usr-verity-sig\.raw)$"
+                        r"|^([A-Za-z0-9.~^-]+?)(\.efi|\.manifest\.json)$")
+
+
+def is_oci(source: str | None) -> bool:
+    """A registry source: `particle update` fetches and verifies, sysupdate installs locally."""
+    return bool(source) and str(source).startswith(tuple(f"{s}://" for s in OCI_SCHEMES))
+
+
+def parse_published_name(name: str, image_id: str) -> tuple[str, str] | None:
+    """(version, suffix) of a file `particle publish` serves for `image_id`:
+    `ID_VERSION[_UUID].usr.raw` (and the hash tree and its signature), `ID_VERSION.efi`,
+    `ID_VERSION.manifest.json`; None for any other name."""
+    if not name.startswith(f"{image_id}_"):
+        return None
+    m = _PUBLISHED.match(name[len(image_id) + 1 :])
+    if not m:
+        return None
+    return (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+
+
 # --- the chunk store (delta updates) ----------------------------------------------------------
 #
 # Next to SHA256SUMS in a publish directory:
@@ -343,50 +381,6 @@ CHUNK_INDEX_SUFFIX: Final = ".json"
 CHUNK_INDEX_FORMAT: Final = 1
 CHUNK_ZLIB_LEVEL: Final = 6
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-# Content-defined chunking: FastCDC as the `fastcdc` package (PyPI, 1.x) cuts, with its gear
-# table: a cut depends only on the bytes since the chunk began, so an insertion moves the cuts
-# near it and those after it fall back into step at the next common cut. The host uses the
-# package's compiled chunker (particleos.store.chunker); cdc_next_cut below is the same
-# algorithm in plain Python for a machine that must chunk a seed that has no index.
-CDC_NAME: Final = "fastcdc-2016"
-CDC_DEFAULT: Final[dict[str, Any]] = {
-    "name": CDC_NAME, "min": 16 << 10, "avg": 64 << 10, "max": 256 << 10,
-}
-# File system images (usr, extensions): a package added moves block addresses in inodes all
-# over the image, and each such change costs the whole chunk around it; smaller chunks cut
-# the v1 -> v1 + htop delta of the usr image from 7.0 to 2.7 MiB (README, *The chunk store*).
-CDC_FILESYSTEM: Final[dict[str, Any]] = {
-    "name": CDC_NAME, "min": 4 << 10, "avg": 16 << 10, "max": 64 << 10,
-}
-_GEAR_HEX: Final = (
-    "5c95c078224089892d48a21412842087530f8afb474536b92963b4f144cb738b4ea7403d4d606b6e074ec5d3"
-    "3af39d18726003ca37a62a7451a2f58e7506358e5d4ab1284d4ae17b41e85924470c36f74741cbe101bb7f30"
-    "617c1de32b0c3a1f50c48f7321a82d376095ace0419167a03caf49b040cea62d66bc1c66545e1dad2bfa77cd"
-    "6e85da245fb0bdc5652cfc293a0ae1ab2837e0f36387b70e131760124362c2bb66d8f4b137fce8342c9cd386"
-    "21144296627268a8650df5372805d5793b21ebbd7357ed343f58b5837150ddca7362225e620a60702c5ef529"
-    "7b522466768b78c04b54e51e75fa07e506a35fc630b710241c8626e1296ad57828d7be2e1490a05a7cee43bd"
-    "698b56e309dc01264ed6df6e02c1bfc72a59ad5329c0e4347d6c5278507940a75ef6ba9368b6af1e46537276"
-    "611bc766155c587d301ba8472cc9dda70a438e2c0a69d514744c72d34f326b9b7ef342864a0ef8a76ae06ebe"
-    "669c537212402dcb5feae99d76c7f4a76abdb79c0dfaa03820e2282c730ed48b069dac2f168ecf3e2610e61f"
-    "2c512c8e15fb8c065e62bc76695551350adb864c4268f914349ab3aa20edfdb25172798137b4b3d85dd17522"
-    "6b2cbfe45c47cf9f30fa1ccd23dedb5613d1f50a64eddee70820b0f746e073081e2d1dfd17b06c32250036d8"
-    "284dbf3468292ee0362ec87c087cb1eb76b46720104130db71966387482dc43f2388ef25524144e144bd834e"
-    "448e7da33fa6eaf93cda215c3a500cf3395cb4325195129f43945f8751862ca456ea8ff1201034dc4d328ff5"
-    "7d73a9096234d37964cfbf9c36f6589a0a2ce98a5fe4d97103bc15c544021d3316c1932b375036141acaf69d"
-    "3f03b77949e61a031f52d7ea1c6ddd5c062218ce07e7a11a1905757a7ce00a5349f44f294bcc70b539feea55"
-    "5242cee83ce56b8500b8167246beeccc3ca0ad562396cee878547f406b08089b66a56751781e7e461e2cf856"
-    "3bc13591494a4202520494d72d87459a757555b642284cc11f47850775c95dff35ff8dd74e4757ed2e11f88c"
-    "5e1b5048420e6699226b06954d1679b45a22646f161d1131125c68d91313e32e4aa8572421dc7ec14ffa29fe"
-    "729683821ca8eef33f3b1c2839c2fb6c6d76493f7a22a62e789b1c2a16e0cb537deceeeb0dc7e1c65c75bf3d"
-    "52218333106de4d67dc6442265590ff42c02ec3064a9ac6759cab2e94a21d2f30f616e5723b54ee802730aaa"
-    "2f3c634d7117fc6c01ac6f055a9ed20c158c4e2a42b699f00c7c14b302bd964115ad56fc1c722f607da1af91"
-    "23e0dbcb0e93e12b64b2791d440d2476588ea8dd4665a6587446c4181877a7745626407e7f63bd4632d2dbd8"
-    "3c790f4a772b72396f8b2826677ff6090dc82c1123ffe3542eac53a616139e090afd0dbc2a4d423756a368c7"
-    "234325e42dce918732e8ea7e"
-)
-CDC_GEAR: Final = tuple(int(_GEAR_HEX[i : i + 8], 16) for i in range(0, 2048, 8))
-
 
 class ChunkError(ValueError):
     """A chunk index or chunk that is malformed or does not match its digest."""
@@ -431,61 +425,6 @@ def decode_chunk(stored: bytes, digest: str, size: int) -> bytes:
     if hashlib.sha256(data).hexdigest() != digest:
         raise ChunkError(f"chunk {digest}: digest mismatch")
     return data
-
-
-def cdc_masks(params: dict[str, Any]) -> tuple[int, int, int]:
-    """(normalisation point, strict mask, loose mask) as fastcdc derives them."""
-    lo, avg, hi = int(params["min"]), int(params["avg"]), int(params["max"])
-    offset = min(lo + (lo + 1) // 2, avg)
-    center = min(avg - offset, hi)
-    bits = round(math.log2(avg))
-    return center, (1 << (bits + 1)) - 1, (1 << (bits - 1)) - 1
-
-
-def check_cdc_params(params: dict[str, Any]) -> None:
-    """Parameters this code can cut with (raises ChunkError otherwise)."""
-    try:
-        lo, avg, hi = int(params["min"]), int(params["avg"]), int(params["max"])
-        name = params["name"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ChunkError(f"chunker parameters {params!r}: {e}") from None
-    if name != CDC_NAME:
-        raise ChunkError(f"unknown chunker {name!r}; this side has {CDC_NAME}")
-    if not (64 <= lo < avg < hi) or avg < 256 or hi < 1024:
-        raise ChunkError(f"chunker parameters {params!r}: need 64 <= min < avg < max")
-
-
-def cdc_next_cut(data: bytes | memoryview, start: int, params: dict[str, Any]) -> int:
-    """Reference chunker (plain Python, ~5-10 MiB/s): the end of the chunk that begins at
-    `start`, exactly as fastcdc's `cdc_offset` finds it."""
-    center, strict, loose = cdc_masks(params)
-    size = min(len(data) - start, int(params["max"]))
-    gear = CDC_GEAR
-    pattern = 0
-    i = min(int(params["min"]), size)
-    barrier = min(center, size)
-    while i < barrier:
-        pattern = (pattern >> 1) + gear[data[start + i]]
-        if not pattern & strict:
-            return start + i + 1
-        i += 1
-    while i < size:
-        pattern = (pattern >> 1) + gear[data[start + i]]
-        if not pattern & loose:
-            return start + i + 1
-        i += 1
-    return start + i
-
-
-def cdc_cuts(data: bytes | memoryview, params: dict[str, Any] | None = None) -> list[int]:
-    """Chunk lengths of `data` by the reference chunker."""
-    params = params or CDC_DEFAULT
-    sizes, start = [], 0
-    while start < len(data):
-        end = cdc_next_cut(data, start, params)
-        sizes.append(end - start)
-        start = end
-    return sizes
 
 
 @dataclass
@@ -564,95 +503,6 @@ class ChunkIndex:
         return {c[0]: c[2] for c in self.chunks}
 
 
-@dataclass
-class Seed:
-    """A local file whose chunks may be reused (a usr slot, a UKI), with the index of the
-    version it holds: chunk offsets come from the index, each chunk read is checked."""
-
-    path: Path
-    index: ChunkIndex
-
-
-@dataclass
-class DeltaPlan:
-    """What rebuilding a file takes: chunks found in seeds, chunks to download."""
-
-    seeded: dict[str, tuple[int, int]]  # digest -> (seed number, offset)
-    missing: dict[str, int]  # digest -> stored size, each once
-    file_size: int
-
-    @property
-    def download_bytes(self) -> int:
-        return sum(self.missing.values())
-
-
-def plan_delta(index: ChunkIndex, seeds: list[Seed]) -> DeltaPlan:
-    """Which chunks of `index` the seeds have (by their indexes) and which must be fetched."""
-    have: dict[str, tuple[int, int]] = {}
-    for n, seed in enumerate(seeds):
-        for digest, offset, _ in seed.index.offsets():
-            have.setdefault(digest, (n, offset))
-    seeded, missing = {}, {}
-    for digest, _, stored in index.chunks:
-        if digest in have:
-            seeded[digest] = have[digest]
-        else:
-            missing[digest] = stored
-    return DeltaPlan(seeded, missing, index.size)
-
-
-@dataclass
-class ReconstructStats:
-    chunks: int = 0
-    seeded_bytes: int = 0  # taken from local seeds
-    fetched_chunks: int = 0
-    fetched_bytes: int = 0  # downloaded (stored, compressed) bytes
-
-
-def reconstruct(index: ChunkIndex, out: Any, seeds: list[Seed],
-                fetch: Callable[[str], bytes],
-                progress: Callable[[ReconstructStats], None] | None = None) -> ReconstructStats:
-    """Write the file `index` describes to the binary file object `out`, sequentially: chunks
-    from the seeds where their bytes match, the rest through `fetch(digest) -> stored bytes`
-    (e.g. an HTTP GET of chunk_relpath(digest)). Every chunk is checked, then the whole file's
-    sha256; a mismatch raises ChunkError (the caller falls back to the full download)."""
-    plan = plan_delta(index, seeds)
-    fds = [os.open(s.path, os.O_RDONLY | os.O_CLOEXEC) for s in seeds]
-    repeats: dict[str, int] = {}
-    for digest, _, _ in index.chunks:
-        repeats[digest] = repeats.get(digest, 0) + 1
-    kept: dict[str, bytes] = {}  # fetched chunks that occur again later
-    stats = ReconstructStats()
-    whole = hashlib.sha256()
-    try:
-        for digest, size, _ in index.chunks:
-            data = kept.get(digest)
-            if data is None and digest in plan.seeded:
-                n, offset = plan.seeded[digest]
-                raw = os.pread(fds[n], size, offset)
-                if len(raw) == size and hashlib.sha256(raw).hexdigest() == digest:
-                    data = raw
-                    stats.seeded_bytes += size
-            if data is None:
-                stored = fetch(digest)
-                data = decode_chunk(stored, digest, size)
-                stats.fetched_chunks += 1
-                stats.fetched_bytes += len(stored)
-                if repeats[digest] > 1:
-                    kept[digest] = data
-            out.write(data)
-            whole.update(data)
-            stats.chunks += 1
-            if progress is not None:
-                progress(stats)
-    finally:
-        for fd in fds:
-            os.close(fd)
-    if whole.hexdigest() != index.sha256:
-        raise ChunkError(f"{index.file}: reassembled file does not match its sha256")
-    return stats
-
-
 # --- a version as an OCI artifact (written by `particle push`, read by machines) --------------
 
 OCI_ARTIFACT_TYPE: Final = "application/vnd.particleos.version.v1"
@@ -668,11 +518,34 @@ def oci_version_tag(version: str) -> str:
     return tag if re.match(r"^[A-Za-z0-9_]", tag) else f"v{tag}"[:128]
 
 
-def auth_file_credentials(path: Path, keys: list[str]) -> tuple[str, str] | None:
-    """(user, password) for the first of `keys` (registry host spellings) in a containers
-    `auth.json` / docker `config.json` (`auths.KEY.auth` = base64 of `user:password`), the
-    files `particle push` and machines read. None when the file or the entry is missing;
-    ValueError saying why when the file cannot be read or the entry is malformed."""
+DOCKER_HUB: Final = "docker.io"
+_REPOSITORY = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)"
+                         r"[a-z0-9]+)*)*$")
+
+
+def oci_repository(host: str, name: str) -> str | None:
+    """The repository `name` as the registry at `host` knows it (Docker Hub's one-component
+    names are `library/NAME`), or None when it is not a repository name (lower case letters,
+    digits, `. _ -` within components, `/` between them)."""
+    if host == DOCKER_HUB and "/" not in name:
+        name = f"library/{name}"
+    return name if _REPOSITORY.match(name) else None
+
+
+def oci_api_host(host: str) -> str:
+    """Where the registry `host` serves its API (Docker Hub's is not docker.io itself)."""
+    return "registry-1.docker.io" if host == DOCKER_HUB else host
+
+
+def auth_file_credentials(path: Path, host: str) -> tuple[str, str] | None:
+    """(user, password) for the registry `host` in a containers `auth.json` / docker
+    `config.json` (`auths.KEY.auth` = base64 of `user:password`, KEY the host as written, with
+    a scheme, or Docker Hub's legacy index names), the files `particle push` and machines read.
+    None when the file or the entry is missing; ValueError saying why when the file cannot be
+    read or the entry is malformed."""
+    keys = [host, f"https://{host}", f"http://{host}"]
+    if host == DOCKER_HUB:
+        keys += ["https://index.docker.io/v1/", "index.docker.io"]
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:

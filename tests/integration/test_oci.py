@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from particleos.errors import ParticleError
-from particleos.formats import parse_sha256sums
+from particleos.formats import OCI_ARTIFACT_TYPE, OCI_TITLE, oci_version_tag, parse_sha256sums
 from particleos.oci import artifact
 from particleos.oci.registry import Credentials, Reference, Registry, find_credentials
 
@@ -95,10 +95,10 @@ def test_push_two_versions_uploads_only_what_changed(tmp_path: Path,
     body, digest = reg.get_manifest("latest")
     assert digest == second["digest"] == reg.get_manifest("1.1")[1]
     doc = json.loads(body)
-    assert doc["artifactType"] == artifact.ARTIFACT_TYPE
+    assert doc["artifactType"] == OCI_ARTIFACT_TYPE
     assert doc["config"]["mediaType"] == "application/vnd.oci.empty.v1+json"
     assert doc["annotations"]["org.opencontainers.image.version"] == "1.1"
-    layers = {d["annotations"][artifact.TITLE]: d for d in doc["layers"]}
+    layers = {d["annotations"][OCI_TITLE]: d for d in doc["layers"]}
     uuid_names = [n for n in layers if n.endswith(".usr.raw")]
     assert len(uuid_names) == 1 and re.match(r"demo_1\.1_[0-9a-f-]{36}\.usr\.raw", uuid_names[0])
     assert layers[uuid_names[0]]["mediaType"] == "application/vnd.particleos.usr.erofs.v1"
@@ -151,7 +151,7 @@ def test_push_with_basic_auth_and_signed_index(tmp_path: Path, auth_registry: Re
         Registry(Reference.parse(target)).tags()
     reg = Registry(Reference.parse(target), credentials=creds)
     doc = json.loads(reg.get_manifest("stable")[0])
-    layers = {d["annotations"][artifact.TITLE]: d for d in doc["layers"]}
+    layers = {d["annotations"][OCI_TITLE]: d for d in doc["layers"]}
     assert layers["SHA256SUMS.gpg"]["mediaType"] == "application/pgp-signature"
     (tmp_path / "SHA256SUMS").write_bytes(reg.get_blob(layers["SHA256SUMS"]["digest"]))
     (tmp_path / "SHA256SUMS.gpg").write_bytes(reg.get_blob(layers["SHA256SUMS.gpg"]["digest"]))
@@ -172,8 +172,8 @@ def test_references_and_tags() -> None:
     for bad in ("just-a-name", "reg.example.org/UPPER", "reg.example.org/a@sha256:00"):
         with pytest.raises(ParticleError):
             Reference.parse(bad)
-    assert artifact.version_tag("2.0~rc1") == "2.0_rc1"
-    assert artifact.version_tag("1.0") == "1.0"
+    assert oci_version_tag("2.0~rc1") == "2.0_rc1"
+    assert oci_version_tag("1.0") == "1.0"
 
 
 def podman(storage: Path, *args: str) -> subprocess.CompletedProcess[str]:

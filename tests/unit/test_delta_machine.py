@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from particleos import formats, openpgp
-from particleos.formats import ChunkIndex, cdc_cuts, chunk_index_name, chunk_path, encode_chunk
+from particleos.formats import ChunkIndex, chunk_index_name, chunk_path, encode_chunk
 from particleos.machine import delta, update
 from particleos.machine.cli import MachineError
+from particleos.store.chunker import CDC_DEFAULT, cdc_cuts
 
 ID = "demo"
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
@@ -28,7 +29,7 @@ def index_of(name: str, data: bytes) -> ChunkIndex:
         chunks.append((formats.hashlib.sha256(piece).hexdigest(), size, len(encode_chunk(piece))))
         off += size
     return ChunkIndex(name, len(data), formats.hashlib.sha256(data).hexdigest(),
-                      dict(formats.CDC_DEFAULT), chunks)
+                      dict(CDC_DEFAULT), chunks)
 
 
 def store(root: Path, name: str, data: bytes) -> ChunkIndex:
@@ -77,7 +78,7 @@ def test_reconstruct_takes_seed_chunks_and_fetches_only_the_rest(
     new_chunks = i2.digests() - i1.digests()
     assert 0 < len(new_chunks) < len(i2.chunks) // 3  # the insertion moved only nearby cuts
     est = delta.estimate(i2, set(locations))
-    assert est.fetch == sum(z for d, _, z in i2.chunks if d in new_chunks)
+    assert est == sum(z for d, _, z in i2.chunks if d in new_chunks)
     work = tmp_path / "work"
     work.mkdir()
     dest = tmp_path / f"{ID}_2.usr.raw"
@@ -87,10 +88,10 @@ def test_reconstruct_takes_seed_chunks_and_fetches_only_the_rest(
                                said.append)
     assert dest.read_bytes() == v2
     assert result.fetched_chunks == len(new_chunks) and result.bad_seeds == 0
-    assert result.fetched_stored == est.fetch
+    assert result.fetched_stored == est
     assert result.local + result.fetched == len(v2)
     assert said[0].startswith(f"{dest.name}: ") and f"{len(new_chunks)} chunks" in said[0]
-    assert said[-1] == f"fetched {delta.mib(est.fetch)} of {delta.mib(est.fetch)}"
+    assert said[-1] == f"fetched {delta.mib(est)} of {delta.mib(est)}"
     assert len(said) > 2  # progress after each batch
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["srv", "slot-a", "work", dest.name])  # no temporary left
@@ -285,8 +286,8 @@ def test_update_falls_back_to_the_full_download_when_the_delta_fails(
     o = delta.Offer("2", {".usr.raw": f"{ID}_2_u.usr.raw"},
                     {f"{ID}_2_u.usr.raw": "0" * 64,
                      chunk_index_name(f"{ID}_2_u.usr.raw"): "1" * 64})
-    monkeypatch.setattr(update, "_delta_setup", lambda: (delta.Source("/nowhere"), ID, False,
-                                                         False))
+    monkeypatch.setattr(update, "_delta_setup", lambda source: (delta.Source(source), ID,
+                                                                False, False))
     monkeypatch.setattr(delta, "offer", lambda *a, **k: o)
     monkeypatch.setattr(update, "_entries", lambda: (tmp_path, []))
     monkeypatch.setattr(update, "_held", lambda image_id: [])
@@ -297,7 +298,7 @@ def test_update_falls_back_to_the_full_download_when_the_delta_fails(
         raise delta.DeltaError("chunk 0123... of demo_2_u.usr.raw fails its digest")
 
     monkeypatch.setattr(delta, "stage", broken_stage)
-    assert update.install_by_delta("1") is False
+    assert update.install_by_delta("1", "/nowhere") is False
     out = capsys.readouterr().out
     assert out == ("delta update not possible: chunk 0123... of demo_2_u.usr.raw fails its "
                    "digest; falling back to the full download\n")
@@ -309,17 +310,17 @@ def test_update_falls_back_to_the_full_download_when_the_delta_fails(
         raise MachineError("systemd-sysupdate update from /var/lib/particle/incoming failed")
 
     monkeypatch.setattr(update, "install_local", failing_install)
-    assert update.install_by_delta("1") is False
+    assert update.install_by_delta("1", "/nowhere") is False
     assert "falling back to the full download" in capsys.readouterr().out
     # Installed extensions have transfers the local install would not run: whole download.
     monkeypatch.setattr(update, "_extension_transfers", lambda: True)
-    assert update.install_by_delta("1") is False
+    assert update.install_by_delta("1", "/nowhere") is False
     assert "delta updates do not cover extensions yet" in capsys.readouterr().out
     monkeypatch.setattr(update, "_extension_transfers", lambda: False)
     # A source without a store: one line, then the full download.
     monkeypatch.setattr(delta, "offer", lambda *a, **k: delta.Offer(
         "2", {".usr.raw": f"{ID}_2_u.usr.raw"}, {f"{ID}_2_u.usr.raw": "0" * 64}))
-    assert update.install_by_delta("1") is False
+    assert update.install_by_delta("1", "/nowhere") is False
     assert capsys.readouterr().out == (
         "no chunk store at /nowhere for 2: downloading it whole\n")
 

@@ -17,7 +17,7 @@ from particleos import openpgp
 from particleos.builder.bootstrap import extra_packages
 from particleos.builder.context import BuildContext
 from particleos.builder.updates import update_definitions
-from particleos.formats import OCI_ARTIFACT_TYPE, OCI_ID, OCI_TITLE, OCI_VERSION
+from particleos.formats import OCI_ARTIFACT_TYPE, OCI_ID, OCI_TITLE, OCI_VERSION, is_oci
 from particleos.machine import registry
 from particleos.machine.cli import MachineError
 from particleos.machine.registry import Layer, Refused, Source
@@ -46,7 +46,7 @@ def test_sources_and_what_is_wrong_with_them() -> None:
                      ("docker://reg.example.org/fleet", "not a registry source")):
         with pytest.raises(ValueError, match=why):
             registry.parse_source(bad)
-    assert registry.is_oci("oci+http://x/y") and not registry.is_oci("https://x/y")
+    assert is_oci("oci+http://x/y") and not is_oci("https://x/y")
 
 
 def test_challenges() -> None:

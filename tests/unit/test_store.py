@@ -11,29 +11,26 @@ import json
 import random
 import subprocess
 import sys
+import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from particleos.errors import ParticleError
 from particleos.formats import (
-    CDC_DEFAULT,
-    CDC_FILESYSTEM,
     ChunkError,
     ChunkIndex,
-    Seed,
-    cdc_cuts,
     chunk_index_file,
     chunk_path,
     decode_chunk,
     encode_chunk,
     format_sha256sums,
-    plan_delta,
     read_sha256sums,
-    reconstruct,
 )
-from particleos.store.chunker import chunks, cut_sizes
+from particleos.machine import delta as machine_delta
+from particleos.store.chunker import CDC_DEFAULT, CDC_FILESYSTEM, cdc_cuts, chunks, cut_sizes
 from particleos.store.delta import delta
 from particleos.store.store import put_file
 from particleos.update import publish as pub
@@ -116,6 +113,24 @@ def test_decode_chunk_checks_digest_and_size() -> None:
         decode_chunk(encode_chunk(payload + b"more"), digest, len(payload))
 
 
+def reconstruct(index: ChunkIndex, out: io.BytesIO, seeds: list[tuple[Path, ChunkIndex]],
+                 fetch: Callable[[str], bytes]) -> machine_delta.Result:
+    """Rebuild the file `index` describes into `out` as a machine does (machine.delta): seed
+    chunks where their bytes match, the others through `fetch(digest) -> stored bytes`."""
+    def fetch_chunks(missing: list[tuple[str, int, int]]) -> Iterator[tuple[str, bytes]]:
+        for digest, size, _ in missing:
+            yield digest, decode_chunk(fetch(digest), digest, size)
+
+    locations = machine_delta.seed_locations(
+        [machine_delta.Seed(str(path), seed_index, path.name) for path, seed_index in seeds])
+    with tempfile.TemporaryDirectory() as tmp:
+        dest = Path(tmp) / index.file
+        result = machine_delta.reconstruct(index, index.sha256, dest, locations, fetch_chunks,
+                                           lambda _: None)
+        out.write(dest.read_bytes())
+    return result
+
+
 def test_reconstruct_from_a_seed_fetches_only_the_new_chunks(tmp_path: Path) -> None:
     old = data(5, 2 * MiB)
     new = old[:700_000] + data(6, 5000) + old[700_000:]
@@ -125,8 +140,9 @@ def test_reconstruct_from_a_seed_fetches_only_the_new_chunks(tmp_path: Path) -> 
     old_index, _ = put_file(store, tmp_path / "old.raw", "old.raw")
     new_index, stats = put_file(store, tmp_path / "new.raw", "new.raw")
     assert stats.new_chunks <= 2 and stats.new_stored_bytes == sum(
-        chunk_path(store, d).stat().st_size for d in plan_delta(new_index, [Seed(
-            tmp_path / "old.raw", old_index)]).missing)
+        chunk_path(store, d).stat().st_size for d in new_index.digests() - set(
+            machine_delta.seed_locations([machine_delta.Seed(str(tmp_path / "old.raw"),
+                                                             old_index, "old")])))
     fetched: list[str] = []
 
     def fetch(digest: str) -> bytes:
@@ -134,14 +150,14 @@ def test_reconstruct_from_a_seed_fetches_only_the_new_chunks(tmp_path: Path) -> 
         return chunk_path(store, digest).read_bytes()
 
     out = io.BytesIO()
-    result = reconstruct(new_index, out, [Seed(tmp_path / "old.raw", old_index)], fetch)
+    result = reconstruct(new_index, out, [(tmp_path / "old.raw", old_index)], fetch)
     assert out.getvalue() == new
-    assert len(fetched) <= 2 and result.seeded_bytes >= len(new) - 300_000
+    assert len(fetched) <= 2 and result.local >= len(new) - 300_000
     # A seed whose bytes are not what its index says is not trusted: those chunks are fetched.
     (tmp_path / "old.raw").write_bytes(b"\0" * len(old))
     out = io.BytesIO()
-    result = reconstruct(new_index, out, [Seed(tmp_path / "old.raw", old_index)], fetch)
-    assert out.getvalue() == new and result.seeded_bytes == 0
+    result = reconstruct(new_index, out, [(tmp_path / "old.raw", old_index)], fetch)
+    assert out.getvalue() == new and result.local == 0
     # A stored chunk that does not match its digest stops the reconstruction.
     victim = new_index.chunks[3][0]
     chunk_path(store, victim).write_bytes(encode_chunk(b"evil"))

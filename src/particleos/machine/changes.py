@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..formats import Manifest
+from ..formats import PART_SUFFIXES, Manifest
 
 # Files of a version that an update downloads (the disk image and the manifest are not).
-DOWNLOADED_SUFFIXES = (".usr.raw", ".usr-verity.raw", ".usr-verity-sig.raw", ".efi")
 
 
 def _order(c: str) -> int:
@@ -126,5 +125,5 @@ def compare(old: Manifest, new: Manifest) -> Changes:
     if old.kernel != new.kernel:
         changes.kernel = (old.kernel, new.kernel)
     changes.download_bytes = sum(size for name, size in new.sizes.items()
-                                 if name.endswith(DOWNLOADED_SUFFIXES))
+                                 if name.endswith(PART_SUFFIXES))
     return changes

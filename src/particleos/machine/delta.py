@@ -22,34 +22,36 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..formats import (
+    INCOMING_DIR,
+    MANIFEST_SUFFIX,
+    PART_SUFFIXES,
+    REQUIRED_PART_SUFFIXES,
     SHA256SUMS,
+    SIGNATURE,
     ChunkError,
     ChunkIndex,
     chunk_index_file,
     chunk_index_name,
     chunk_relpath,
     decode_chunk,
+    parse_published_name,
     parse_sha256sums,
     sha256_file,
 )
-from .files import fsync_dir, write_atomic
+from .files import clear_dir, fsync_dir, write_atomic
+from .signature import KEYRINGS, SignatureError, update_keyring
+from .signature import verify as verify_signature
 from .versions import vercmp, version_key
 
 STATE = Path("/var/lib/particle")
-INCOMING = STATE / "incoming"
+INCOMING = Path(INCOMING_DIR)
 KEPT = STATE / "chunks"  # indexes and manifests of the versions this machine holds
-SIGNATURE = "SHA256SUMS.gpg"
-KEYRINGS = (Path("/etc/systemd/import-pubring.gpg"), Path("/usr/lib/systemd/import-pubring.gpg"))
-MANIFEST_SUFFIX = ".manifest.json"
-# Parts of a version, in sysupdate's order; the UKI (which makes it bootable) is last.
-PART_SUFFIXES = (".usr-verity-sig.raw", ".usr-verity.raw", ".usr.raw", ".efi")
 BATCH_BYTES = 4 << 20  # chunks fetched per curl run: progress lines, and a bounded temp dir
 PARALLEL = 4  # connections at once (each is a new connection: static servers close them)
 
@@ -132,23 +134,6 @@ def fetch_verified(source: Source, name: str, want: str, work: Path) -> bytes:
     return data
 
 
-def verify_signature(data: Path, signature: Path, keyring: Path, work: Path) -> None:
-    """gpg checks SHA256SUMS.gpg against the keyring sysupdate uses (as systemd-pull does)."""
-    home = work / ".gnupg"
-    home.mkdir(mode=0o700, exist_ok=True)
-    argv = ["gpg", "--homedir", str(home), "--no-options", "--no-default-keyring",
-            "--no-auto-key-locate", "--no-auto-check-trustdb", "--batch", "--trust-model=always",
-            f"--keyring={keyring}", "--verify", str(signature), str(data)]
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        proc = subprocess.run(["gpgv", "--homedir", str(home), "--keyring", str(keyring),
-                               str(signature), str(data)],
-                              capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise DeltaError("SHA256SUMS.gpg does not verify with this machine's update key")
-
-
 def read_published(source: Source, work: Path, verify: bool) -> dict[str, str]:
     """The source's SHA256SUMS (name -> sha256), its signature checked when `verify`."""
     sums = work / SHA256SUMS
@@ -158,11 +143,15 @@ def read_published(source: Source, work: Path, verify: bool) -> dict[str, str]:
     try:
         fetch(source, items, work)
         if verify:
-            keyring = next((k for k in KEYRINGS if k.is_file()), None)
+            keyring = update_keyring(KEYRINGS)
             if keyring is None:
                 raise DeltaError("updates must be verified but the image has no "
                                  "import-pubring.gpg")
-            verify_signature(sums, work / SIGNATURE, keyring, work)
+            try:
+                verify_signature(sums, work / SIGNATURE, keyring, work / ".gnupg")
+            except SignatureError as err:
+                raise DeltaError("SHA256SUMS.gpg does not verify with this machine's update "
+                                 f"key: {err}") from None
         return parse_sha256sums(sums.read_text())
     finally:
         for _, p in items:
@@ -175,19 +164,17 @@ def read_published(source: Source, work: Path, verify: bool) -> dict[str, str]:
 
 def version_files(sums: dict[str, str], image_id: str) -> dict[str, dict[str, str]]:
     """Published version -> {part suffix: file name} for the parts an update installs."""
-    pattern = re.compile(rf"^{re.escape(image_id)}_([A-Za-z0-9.~^-]+?)(?:_[0-9a-f-]{{36}})?"
-                         r"(\.usr-verity-sig\.raw|\.usr-verity\.raw|\.usr\.raw|\.efi)$")
     found: dict[str, dict[str, str]] = {}
     for name in sums:
-        m = pattern.match(name)
-        if m:
-            found.setdefault(m.group(1), {})[m.group(2)] = name
+        parsed = parse_published_name(name, image_id)
+        if parsed and parsed[1] in PART_SUFFIXES:
+            found.setdefault(parsed[0], {})[parsed[1]] = name
     return found
 
 
 def newest(sums: dict[str, str], image_id: str, signed: bool) -> tuple[str, dict[str, str]] | None:
     """The newest version whose every part is published (as sysupdate picks it)."""
-    need = {".usr-verity.raw", ".usr.raw", ".efi"} | ({".usr-verity-sig.raw"} if signed else set())
+    need = set(REQUIRED_PART_SUFFIXES) | ({PART_SUFFIXES[0]} if signed else set())
     complete = {v: f for v, f in version_files(sums, image_id).items() if need <= f.keys()}
     if not complete:
         return None
@@ -219,51 +206,32 @@ def seed_locations(seeds: Iterable[Seed]) -> dict[str, list[Location]]:
     """Chunk digest -> where seeds claim to hold it (first seed first)."""
     found: dict[str, list[Location]] = {}
     for seed in seeds:
-        offset = 0
-        for digest, size, _ in seed.index.chunks:
+        for digest, offset, size in seed.index.offsets():
             where = found.setdefault(digest, [])
             if len(where) < 2:  # a second place covers a bad first; more cost only lookups
                 where.append(Location(seed.path, offset, size))
-            offset += size
     return found
 
 
-@dataclass
-class Estimate:
-    """What a delta would take, from the indexes alone (seeds not read yet)."""
-
-    size: int = 0  # bytes of the target files
-    local: int = 0  # bytes the seeds' indexes claim to hold
-    fetch: int = 0  # bytes of chunks to fetch, as stored (compressed when the index says)
-    chunks: int = 0
-
-
-def estimate(target: ChunkIndex, known: set[str]) -> Estimate:
-    """Bytes held locally and to fetch for `target` when the chunks in `known` are here."""
-    est = Estimate(size=target.size)
+def estimate(target: ChunkIndex, known: set[str]) -> int:
+    """Bytes of chunks to fetch for `target` (as stored: compressed) when the chunks in
+    `known` are here, from the indexes alone (seeds not read yet)."""
     stored = target.stored_sizes()
-    for digest, size, _ in target.chunks:
-        if digest in known:
-            est.local += size
-    for digest in target.digests() - known:
-        est.chunks += 1
-        est.fetch += stored[digest]
-    return est
+    return sum(stored[digest] for digest in target.digests() - known)
 
 
-# Fetches chunks (digest, size, stored size), yielding (digest, the chunk's bytes).
+# Fetches chunks (digest, size, stored size), yielding (digest, the chunk's bytes), each
+# checked against its digest (decode_chunk does): reconstruct writes them as they come.
 ChunkFetcher = Callable[[list[tuple[str, int, int]]], Iterator[tuple[str, bytes]]]
 
 
 @dataclass
 class Result:
-    name: str
     local: int = 0  # bytes copied from seeds
     fetched_chunks: int = 0
     fetched: int = 0  # bytes of chunks fetched (uncompressed)
     fetched_stored: int = 0  # the same as downloaded (compressed)
     bad_seeds: int = 0  # seed chunks that failed their digest (used from elsewhere)
-    seeds_used: set[str] = field(default_factory=set)
 
 
 def reconstruct(target: ChunkIndex, want_sha256: str, dest: Path,
@@ -274,12 +242,10 @@ def reconstruct(target: ChunkIndex, want_sha256: str, dest: Path,
     if target.sha256 != want_sha256:
         raise DeltaError(f"{chunk_index_name(target.file)} describes another file than "
                          "SHA256SUMS lists")
-    result = Result(dest.name)
+    result = Result()
     places: dict[str, list[int]] = {}
-    offset = 0
-    for digest, size, _ in target.chunks:
+    for digest, offset, _ in target.offsets():
         places.setdefault(digest, []).append(offset)
-        offset += size
     sizes = {d: (s, z) for d, s, z in target.chunks}
     tmp = dest.with_name(f".{dest.name}.part")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -300,7 +266,6 @@ def reconstruct(target: ChunkIndex, want_sha256: str, dest: Path,
                 piece = os.pread(seeds[loc.path], loc.size, loc.offset)
                 if sha256_bytes(piece) == digest:
                     data = piece
-                    result.seeds_used.add(loc.path)
                     break
                 result.bad_seeds += 1
             if data is None:
@@ -311,9 +276,7 @@ def reconstruct(target: ChunkIndex, want_sha256: str, dest: Path,
                 result.local += len(data)
         say(f"{dest.name}: {mib(result.local)} from this machine, {len(missing)} chunks "
             f"({mib(sum(z for _, _, z in missing))}) to fetch")
-        for digest, data in fetch_chunks(missing):
-            if sha256_bytes(data) != digest:
-                raise DeltaError(f"chunk {digest[:16]}... of {target.file} fails its digest")
+        for digest, data in fetch_chunks(missing):  # checked by the fetcher (decode_chunk)
             for off in places[digest]:
                 os.pwrite(fd, data, off)
             result.fetched_chunks += 1
@@ -394,12 +357,9 @@ def keep_file(name: str, data: bytes) -> None:
 
 def prune_kept(versions_here: set[str], image_id: str) -> None:
     """Drop the kept files of versions no longer on this machine."""
-    pattern = re.compile(rf"^{re.escape(image_id)}_([A-Za-z0-9.~^-]+?)(?:_[0-9a-f-]{{36}})?"
-                         r"(?:\.usr-verity-sig\.raw|\.usr-verity\.raw|\.usr\.raw|\.efi|"
-                         r"\.manifest\.json)$")
     for path in KEPT.iterdir() if KEPT.is_dir() else []:
-        m = pattern.match(chunk_index_file(path.name) or path.name)
-        if path.name.startswith(".") or (m and m.group(1) not in versions_here):
+        parsed = parse_published_name(chunk_index_file(path.name) or path.name, image_id)
+        if path.name.startswith(".") or (parsed and parsed[0] not in versions_here):
             with contextlib.suppress(OSError):
                 path.unlink()
 
@@ -493,7 +453,6 @@ def seeds_for(held: list[Held], sums: dict[str, str], source: Source, work: Path
 
 @dataclass
 class Preview:
-    version: str
     delta: int  # bytes a delta update downloads (chunks as stored, indexes, small files)
     full: int  # bytes of the full download
     seeds: list[str]
@@ -512,15 +471,15 @@ def preview(o: Offer, source: Source, held: list[Held], work: Path) -> Preview:
     for name in o.files.values():
         if name in indexes:
             full += indexes[name][0].size
-            delta += estimate(indexes[name][0], known).fetch
+            delta += estimate(indexes[name][0], known)
         else:
-            size = remote_size(source, name, work)
+            size = remote_size(source, name)
             full += size
             delta += size
-    return Preview(o.version, delta if indexes else full, full, [s.what for s in seeds])
+    return Preview(delta if indexes else full, full, [s.what for s in seeds])
 
 
-def remote_size(source: Source, name: str, work: Path) -> int:
+def remote_size(source: Source, name: str) -> int:
     """The size of a published file (a HEAD request; a local file's size)."""
     if "://" not in source.base:
         try:
@@ -555,7 +514,7 @@ def stage(o: Offer, source: Source, held: list[Held], say: Say) -> Staged:
         raise DeltaError(f"{mib(need)} needed in {INCOMING}, {mib(free_bytes(INCOMING))} free")
     seeds = seeds_for(held, o.sums, source, work)
     locations = seed_locations(seeds)
-    expected = sum(estimate(i, set(locations)).fetch for i, _ in indexes.values())
+    expected = sum(estimate(i, set(locations)) for i, _ in indexes.values())
     say(f"delta update to {o.version}: seeds {', '.join(s.what for s in seeds) or 'none'}; "
         f"about {mib(expected)} of chunks to fetch for {mib(need)}")
     fetcher = store_fetcher(source, work, say)
@@ -582,7 +541,7 @@ def stage(o: Offer, source: Source, held: list[Held], say: Say) -> Staged:
         staged.full += tmp.stat().st_size
         os.rename(tmp, dest)
     fsync_dir(INCOMING)
-    manifest = f"{o.files['.efi'][: -len('.efi')]}{MANIFEST_SUFFIX}"
+    manifest = o.files[".efi"].removesuffix(".efi") + MANIFEST_SUFFIX
     if manifest in o.sums:
         with contextlib.suppress(DeltaError):
             staged.keep[manifest] = fetch_verified(source, manifest, o.sums[manifest], work)
@@ -593,16 +552,8 @@ def stage(o: Offer, source: Source, held: list[Held], say: Say) -> Staged:
 
 def clean_incoming() -> None:
     """Remove what an earlier (interrupted) update left in INCOMING."""
-    if not INCOMING.exists():
-        INCOMING.mkdir(parents=True)
-        return
-    for root, dirs, names in os.walk(INCOMING, topdown=False):
-        for n in names:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(root, n))
-        for d in dirs:
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.join(root, d))
+    INCOMING.mkdir(parents=True, exist_ok=True)
+    clear_dir(INCOMING)
 
 
 FACTORY_DPKG_STATUS = Path("/usr/share/factory/var/lib/dpkg/status")

@@ -22,6 +22,8 @@ from . import pe
 from .files import fsync_dir
 from .versions import vercmp
 
+OS_RELEASE = Path("/usr/lib/os-release")
+
 LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 EFIVARS = Path("/sys/firmware/efi/efivars")
 ESP_CANDIDATES = (Path("/efi"), Path("/boot"), Path("/boot/efi"))
@@ -86,6 +88,13 @@ def os_release_fields(text: str) -> dict[str, str]:
         if sep and key.strip() and not key.startswith("#"):
             fields[key.strip()] = value.strip().strip("\"'")
     return fields
+
+
+def running_image(os_release: Path | None = None) -> tuple[str, str]:
+    """(IMAGE_ID, IMAGE_VERSION) of the running /usr ("" and "?" when os-release lacks them):
+    /usr/lib/os-release, so the version is the one of the /usr actually mounted."""
+    fields = os_release_fields((os_release or OS_RELEASE).read_text())
+    return fields.get("IMAGE_ID", ""), fields.get("IMAGE_VERSION", "?")
 
 
 def read_entry(path: Path) -> Entry | None:

@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import fsync_dir, write_atomic
+from .files import fsync_dir, remove_tree, write_atomic
 
 STAMP = ".particle-factory"  # in /etc: os-release of the version this /etc derives from
 CONFLICTS = ".particle-conflicts.json"  # in /etc: conflicts of the merges, for status
@@ -240,24 +240,6 @@ def _finish_dir(src: Path, dst: Path) -> None:
     os.chmod(dst, stat.S_IMODE(st.st_mode))
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
     fsync_dir(dst)
-
-
-def remove_tree(path: Path) -> None:
-    if not os.path.lexists(path):
-        return
-    if path.is_dir() and not path.is_symlink():
-        for dirpath, dirnames, filenames in os.walk(path, topdown=False):
-            for name in filenames:
-                os.unlink(os.path.join(dirpath, name))
-            for name in dirnames:
-                full = os.path.join(dirpath, name)
-                if os.path.islink(full):
-                    os.unlink(full)
-                else:
-                    os.rmdir(full)
-        os.rmdir(path)
-    else:
-        os.unlink(path)
 
 
 def build(plan_: Plan, theirs: Path, ours: Path, dest: Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..formats import SHA256SUMS, parse_sha256sums, sha256_file
 from . import overlay
-from .files import write_atomic
+from .files import remove_tree, write_atomic
 from .sysext import (
     EXTENSIONS_DIR,
     MERGED_LIST,
@@ -41,7 +41,6 @@ from .sysext import (
     parse_artifact_name,
     parse_release,
     read_image,
-    remove_tree,
     run,
     transfer_path,
 )

@@ -37,3 +37,26 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, tmp: Path | None = 
         os.close(fd)
     os.rename(tmp, path)  # over `path` (POSIX rename replaces)
     fsync_dir(path.parent)
+
+
+def remove_tree(path: Path) -> None:
+    """shutil.rmtree for python3-minimal: a directory and everything below it, or a file or
+    symlink (never followed), if present."""
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+        return
+    for top, dirs, files in os.walk(path, topdown=False):
+        for f in files:
+            os.unlink(os.path.join(top, f))
+        for d in dirs:
+            p = os.path.join(top, d)
+            os.unlink(p) if os.path.islink(p) else os.rmdir(p)
+    os.rmdir(path)
+
+
+def clear_dir(path: Path) -> None:
+    """Everything below `path`, keeping `path` itself (a missing one is left missing)."""
+    for p in path.iterdir() if path.is_dir() else []:
+        remove_tree(p)

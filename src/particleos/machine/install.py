@@ -349,7 +349,7 @@ def prune_esp(esp: Path, keep: set[str]) -> list[str]:
 def running_source() -> tuple[str, list[formats.GptPartition], set[int], str]:
     """(disk, its GPT, the partition numbers of the running /usr slot, running version)."""
     from . import gpt
-    from .entries import os_release_fields
+    from .entries import running_image
 
     under = gpt.partitions_under(gpt.block_of("/usr"))
     if not under:
@@ -359,7 +359,7 @@ def running_source() -> tuple[str, list[formats.GptPartition], set[int], str]:
     keep = {n for _, n in under}
     labels = {p.label for p in parts if p.number in keep}
     keep |= {p.number for p in parts if p.type == formats.USR_VERITY_SIG and p.label in labels}
-    version = os_release_fields(Path("/usr/lib/os-release").read_text()).get("IMAGE_VERSION", "?")
+    version = running_image()[1]
     return disk, parts, keep, version
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from . import entries as boot_entries
 from .cli import MachineError
-from .entries import Entry, os_release_fields
+from .entries import Entry
 from .files import write_atomic
 from .versions import vercmp
 
@@ -180,7 +180,7 @@ def examine(esp: Path, version: str,
 
 
 def _machine() -> tuple[Path, str, str | None]:
-    version = os_release_fields(OS_RELEASE.read_text()).get("IMAGE_VERSION", "?")
+    version = boot_entries.running_image(OS_RELEASE)[1]
     esp = boot_entries.find_esp()
     return esp, version, blessed_reason(version, boot_entries.list_entries(esp, EFIVARS))
 

@@ -5,8 +5,8 @@ systemd-sysupdate sees it:
 
 * each blob's SHA-256 is the digest the manifest names (a registry, cache or proxy that serves
   other bytes is caught);
-* the `SHA256SUMS` layer is signed by a key of the image's update keyring (gpgv against
-  /usr/lib/systemd/import-pubring.gpg, the keyring sysupdate checks URL sources with);
+* the `SHA256SUMS` layer is signed by a key of the image's update keyring (machine.signature:
+  import-pubring.gpg in /etc, else /usr/lib, the keyring sysupdate checks URL sources with);
 * every file is listed in that index with the digest the manifest gives it, and carries this
   image's id and the version being installed (the signature covers the names, so an old signed
   index cannot be passed off as a newer version).
@@ -40,36 +40,34 @@ from typing import Any
 from ..formats import (
     OCI_ARTIFACT_TYPE,
     OCI_ID,
+    OCI_SCHEMES,
     OCI_TITLE,
     OCI_VERSION,
+    PART_SUFFIXES,
+    REQUIRED_PART_SUFFIXES,
     SHA256SUMS,
+    SIGNATURE,
     auth_file_credentials,
+    oci_api_host,
+    oci_repository,
     oci_version_tag,
+    parse_published_name,
     parse_sha256sums,
     sha256_file,
 )
+from ..formats import SOURCE_FILE as SOURCE_FILE_PATH
+from . import signature as signature_check
 from .cli import MachineError
+from .entries import running_image
+from .files import clear_dir, remove_tree
 from .versions import vercmp, version_key
 
-# Written by the builder (update.transfer.SOURCE_FILE) for a registry source.
-SOURCE_FILE = Path("/usr/lib/particle/update-source")
+# Written by the builder for a registry source.
+SOURCE_FILE = Path("/") / SOURCE_FILE_PATH
 AUTH_FILES = (Path("/etc/particle/auth.json"), Path("/etc/containers/auth.json"))
-KEYRING = Path("/usr/lib/systemd/import-pubring.gpg")
-SIGNATURE = SHA256SUMS + ".gpg"
 MANIFEST_V1 = "application/vnd.oci.image.manifest.v1+json"
-SCHEMES = {"oci": "https", "oci+http": "http"}
-# What the local transfers install (update.transfer.parts); the others are optional layers.
-SUFFIXES = (".usr-verity-sig.raw", ".usr-verity.raw", ".usr.raw", ".efi")
-REQUIRED = (".usr-verity.raw", ".usr.raw", ".efi")
 _HOST = re.compile(r"^(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:]+\])(?::\d{1,5})?$")
-_REPO = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)"
-                   r"[a-z0-9]+)*)*$")
-_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-
-
-def is_oci(source: str | None) -> bool:
-    return bool(source) and str(source).startswith(tuple(f"{s}://" for s in SCHEMES))
 
 
 # --------------------------------------------------------------------------- the source
@@ -83,7 +81,7 @@ class Source:
 
     @property
     def api_host(self) -> str:
-        return "registry-1.docker.io" if self.host == "docker.io" else self.host
+        return oci_api_host(self.host)
 
     def __str__(self) -> str:
         return f"{'oci' if self.scheme == 'https' else 'oci+http'}://{self.host}/{self.repository}"
@@ -92,7 +90,7 @@ class Source:
 def parse_source(text: str) -> Source:
     """`oci://HOST[:PORT]/REPO` (https) or `oci+http://...`; ValueError says what is wrong."""
     scheme, sep, rest = text.partition("://")
-    if not sep or scheme not in SCHEMES:
+    if not sep or scheme not in OCI_SCHEMES:
         raise ValueError(f"{text}: not a registry source (allowed: oci://HOST[:PORT]/REPO, or "
                          "oci+http://HOST[:PORT]/REPO for a plain-http registry)")
     host, _, repo = rest.partition("/")
@@ -102,12 +100,11 @@ def parse_source(text: str) -> Source:
     if "@" in repo or ":" in repo:
         raise ValueError(f"{text}: give the repository without a tag or digest (machines pick "
                          "the newest version among its tags)")
-    if not _REPO.match(repo):
+    repository = oci_repository(host, repo)
+    if repository is None:
         raise ValueError(f"{text}: {repo!r} is not a repository name (allowed: lower case "
                          "letters, digits, . _ - and / between components)")
-    if host == "docker.io" and "/" not in repo:
-        repo = f"library/{repo}"
-    return Source(SCHEMES[scheme], host, repo)
+    return Source(OCI_SCHEMES[scheme], host, repository)
 
 
 def configured_source() -> Source | None:
@@ -137,10 +134,9 @@ class Credentials:
 
 def find_credentials(host: str, files: Iterable[Path] = AUTH_FILES) -> Credentials | None:
     """`user:password` for `host` from the first auth file that has an entry for it."""
-    keys = [host, f"https://{host}", f"http://{host}"]
     for path in files:
         try:
-            found = auth_file_credentials(path, keys)
+            found = auth_file_credentials(path, host)
         except ValueError as err:
             raise MachineError(str(err)) from None
         if found is not None:
@@ -200,7 +196,6 @@ class Client:
         self.credentials = credentials
         self.curl = curl
         self.authorization: str | None = None
-        self.requests: list[tuple[str, int]] = []  # (path, status), what we asked
 
     def _curl(self, url: str, *, accept: str | None = None, out: Path | None = None,
               authorization: str | None = None) -> Reply:
@@ -231,7 +226,6 @@ class Client:
                 reply.body = body.read_bytes()
             if out is None:
                 body.unlink(missing_ok=True)
-        self.requests.append((urllib.parse.urlsplit(url).path, status))
         return reply
 
     def get(self, path: str, *, accept: str | None = None, out: Path | None = None,
@@ -425,15 +419,13 @@ def plan(doc: dict[str, Any], image_id: str, version: str) -> Plan:
     if SIGNATURE not in by_title:
         raise Refused(f"{SHA256SUMS} is not signed (no {SIGNATURE} layer: push with "
                       "--openpgp-key)")
-    stem = re.escape(f"{image_id}_{version}")
     files = []
-    for suffix in SUFFIXES:
-        pattern = rf"{stem}{re.escape(suffix)}" if suffix == ".efi" else \
-            rf"{stem}_{_UUID}{re.escape(suffix)}"
-        found = [layer for t, layer in by_title.items() if re.fullmatch(pattern, t)]
+    for suffix in PART_SUFFIXES:
+        found = [layer for t, layer in by_title.items()
+                 if parse_published_name(t, image_id) == (version, suffix)]
         if len(found) > 1:
             raise Refused(f"the manifest has more than one *{suffix} layer")
-        if not found and suffix in REQUIRED:
+        if not found and suffix in REQUIRED_PART_SUFFIXES:
             raise Refused(f"the manifest has no {image_id}_{version}*{suffix} layer")
         files += found
     return Plan(by_title[SHA256SUMS], by_title[SIGNATURE], files)
@@ -453,50 +445,18 @@ def check_index(files: list[Layer], sums: dict[str, str]) -> list[str]:
     return problems
 
 
-def verify_signature(data: Path, signature: Path, keyring: Path, home: Path,
-                     gpgv: str = "gpgv") -> str:
-    """gpgv against the image's update keyring; returns the signing key's fingerprint."""
-    if not keyring.is_file():
-        raise Refused(f"{keyring} is missing: this image has no key to check updates with")
-    home.mkdir(parents=True, exist_ok=True)
+def verify_signature(data: Path, signature: Path, keyring: Path, home: Path) -> str:
+    """The signed index against the image's update keyring; returns the signing key's
+    fingerprint (machine.signature, the check URL sources get too)."""
     try:
-        proc = subprocess.run([gpgv, "--homedir", str(home), "--status-fd", "1", "--keyring",
-                               str(keyring), str(signature), str(data)],
-                              capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise MachineError(f"{gpgv} is missing (package gpgv)") from None
-    good = re.search(r"^\[GNUPG:\] VALIDSIG (\S+)", proc.stdout, re.M)
-    if proc.returncode == 0 and good:
-        return good.group(1)
-    if re.search(r"^\[GNUPG:\] (NO_PUBKEY|ERRSIG)", proc.stdout, re.M):
-        why = "it is signed by a key this machine does not trust"
-    elif re.search(r"^\[GNUPG:\] BADSIG", proc.stdout, re.M):
-        why = "the signature does not match it"
-    else:
-        why = "the signature cannot be checked"
-    last = proc.stderr.strip().splitlines()[-1:] or [f"gpgv exit status {proc.returncode}"]
-    raise Refused(f"{SHA256SUMS}: {why} ({last[0]})")
+        return signature_check.verify(data, signature, keyring, home)
+    except signature_check.SignatureError as err:
+        if not keyring.is_file():
+            raise Refused(str(err)) from None
+        raise Refused(f"{SHA256SUMS}: {err}") from None
 
 
 # --------------------------------------------------------------------------- fetch
-
-
-def _clear(directory: Path) -> None:
-    """Remove the files of a flat directory (no shutil in python3-minimal)."""
-    for p in directory.iterdir() if directory.is_dir() else []:
-        if p.is_dir() and not p.is_symlink():
-            _clear(p)
-            p.rmdir()
-        else:
-            p.unlink()
-
-
-def _image() -> tuple[str, str]:
-    from .entries import os_release_fields
-    from .status import OS_RELEASE
-
-    fields = os_release_fields(OS_RELEASE.read_text())
-    return fields.get("IMAGE_ID", ""), fields.get("IMAGE_VERSION", "")
 
 
 def _mib(n: int) -> str:
@@ -512,18 +472,16 @@ def newest_version(running: str, work: Path | None = None) -> str | None:
     work = work or Path(f"/run/particle-registry.{os.getpid()}")
     try:
         client = Client(source, work, find_credentials(source.host))
-        image_id, _ = _image()
+        image_id, _ = running_image()
         found = choose(client.tags(), client.manifest, image_id, running)
         return found.version if found else None
     finally:
-        _clear(work)
-        if work.is_dir():
-            work.rmdir()
+        remove_tree(work)
 
 
 def fetch(running: str, installed: Iterable[str], incoming: Path, *,
           source: Source | None = None, image_id: str | None = None,
-          auth_files: Iterable[Path] = AUTH_FILES, keyring: Path = KEYRING,
+          auth_files: Iterable[Path] = AUTH_FILES, keyring: Path | None = None,
           log: Callable[[str], None] = print) -> str | None:
     """Put the newest version's files into `incoming`, verified; returns its version, or None
     when there is nothing to install (up to date, or that version already has a boot entry).
@@ -531,9 +489,10 @@ def fetch(running: str, installed: Iterable[str], incoming: Path, *,
     source = source or configured_source()
     if source is None:
         raise MachineError(f"{SOURCE_FILE} is missing: this image has no registry source")
-    image_id = image_id if image_id is not None else _image()[0]
+    image_id = image_id if image_id is not None else running_image()[0]
+    keyring = keyring or signature_check.update_keyring() or signature_check.KEYRINGS[-1]
     incoming.mkdir(parents=True, exist_ok=True)
-    _clear(incoming)  # only what this run verifies may be installed from here
+    clear_dir(incoming)  # only what this run verifies may be installed from here
     work = incoming / ".oci"
     done = False
     try:
@@ -554,11 +513,9 @@ def fetch(running: str, installed: Iterable[str], incoming: Path, *,
         done = True
         return version
     finally:
-        _clear(work)
-        if work.is_dir():
-            work.rmdir()
+        remove_tree(work)
         if not done:
-            _clear(incoming)
+            clear_dir(incoming)
 
 
 def _fetch_verified(client: Client, found: Candidate, image_id: str, incoming: Path,

@@ -33,10 +33,10 @@ REPART_DIRS = (Path("/etc/repart.d"), Path("/run/repart.d"), Path("/usr/local/li
 ATTRIBUTES = 0x7
 
 
-def variable_data(value: str = "1") -> bytes:
-    """efivarfs content: the attributes, then the value as systemd writes strings (UTF-16LE
-    with its terminating NUL; repart parses it as a boolean)."""
-    return struct.pack("<I", ATTRIBUTES) + (value + "\0").encode("utf-16-le")
+def variable_data() -> bytes:
+    """efivarfs content: the attributes, then "1" as systemd writes strings (UTF-16LE with its
+    terminating NUL; repart parses it as a boolean)."""
+    return struct.pack("<I", ATTRIBUTES) + "1\0".encode("utf-16-le")
 
 
 def definitions_with(setting: str, values: tuple[str, ...],

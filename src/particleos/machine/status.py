@@ -20,9 +20,9 @@ from typing import Any
 from . import bootlog, encryption, etcmerge, gpt, loader, registry
 from . import entries as boot_entries
 from .cli import MachineError
-from .entries import Entry, os_release_fields
+from .entries import OS_RELEASE as OS_RELEASE
+from .entries import Entry, running_image
 
-OS_RELEASE = Path("/usr/lib/os-release")
 SYSUPDATE_DIRS = (Path("/etc/sysupdate.d"), Path("/run/sysupdate.d"), Path("/usr/lib/sysupdate.d"))
 BLESS_BOOT = "/usr/lib/systemd/systemd-bless-boot"
 
@@ -117,9 +117,7 @@ def update_source() -> str | None:
 
 def collect() -> dict[str, Any]:
     """Everything `particle status` shows, gathered from the running machine."""
-    osrel = os_release_fields(OS_RELEASE.read_text())
-    image_id = osrel.get("IMAGE_ID", "")
-    version = osrel.get("IMAGE_VERSION", "?")
+    image_id, version = running_image()
     notes: list[str] = []
     under = gpt.partitions_under(gpt.block_of("/usr"))
     disk = under[0][0] if under else gpt.partitions_under(gpt.block_of("/"))[0][0]

@@ -164,22 +164,6 @@ def copy_file(src: Path, dst: Path) -> str:
     return h.hexdigest()
 
 
-def remove_tree(path: Path) -> None:
-    """shutil.rmtree for python3-minimal: a directory and everything below it, if present."""
-    if not os.path.lexists(path):
-        return
-    if path.is_symlink() or not path.is_dir():
-        path.unlink()
-        return
-    for top, dirs, files in os.walk(path, topdown=False):
-        for f in files:
-            os.unlink(os.path.join(top, f))
-        for d in dirs:
-            p = os.path.join(top, d)
-            os.unlink(p) if os.path.islink(p) else os.rmdir(p)
-    os.rmdir(path)
-
-
 # ---------------------------------------------------------------------------- the image
 
 

@@ -19,19 +19,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..formats import Manifest, chunk_index_name
+from ..formats import (
+    INCOMING_DIR,
+    LOCAL_SYSUPDATE_DIR,
+    MANIFEST_SUFFIX,
+    Manifest,
+    artifact_stem,
+    chunk_index_name,
+    is_oci,
+)
 from . import bootlog, changes, delta, gpt, registry, status, switch, sysext
 from . import entries as boot_entries
 from .cli import MachineError
 from .entries import Entry
+from .files import clear_dir, remove_tree
 from .versions import vercmp, version_key
 
 SYSUPDATE = "/usr/lib/systemd/systemd-sysupdate"
 LOCK = Path("/run/particle-update.lock")
-# Written by the builder (update.transfer.LOCAL_SYSUPDATE_DIR / INCOMING_DIR): the image's
-# transfers with a local source directory, for files particle fetched and verified itself.
-LOCAL_DEFINITIONS = Path("/usr/lib/particle/sysupdate.local.d")
-INCOMING = Path("/var/lib/particle/incoming")
+# Written by the builder: the image's transfers with a local source directory, for files
+# particle fetched and verified itself.
+LOCAL_DEFINITIONS = Path("/") / LOCAL_SYSUPDATE_DIR
+INCOMING = Path(INCOMING_DIR)
 
 
 def _sysupdate(*args: str, capture: bool = False) -> subprocess.CompletedProcess[str]:
@@ -43,14 +52,17 @@ def _sysupdate(*args: str, capture: bool = False) -> subprocess.CompletedProcess
                           stderr=subprocess.PIPE if capture else None)
 
 
-def _require_definitions() -> None:
-    if status.update_source() is None:
+def _require_definitions() -> str:
+    """The image's update source (read once per command: every step uses this one)."""
+    source = status.update_source()
+    if source is None:
         raise MachineError("this image has no update definitions (build it with "
                            "[update] source set)")
+    return source
 
 
 def _running_version() -> str:
-    return boot_entries.os_release_fields(status.OS_RELEASE.read_text()).get("IMAGE_VERSION", "?")
+    return boot_entries.running_image()[1]
 
 
 def _entries() -> tuple[Path, list[Entry]]:
@@ -77,11 +89,11 @@ def _automatic_update_running() -> bool:
     return proc.returncode == 0
 
 
-def check(running: str) -> dict[str, Any]:
+def check(running: str, source: str) -> dict[str, Any]:
     """What a newer version would be: asks sysupdate (or the registry's tags) for every version
     it knows and the boot entries for what is already installed; for a version to install,
     what it costs (delta and full download) and its package changes."""
-    if registry.is_oci(status.update_source()):
+    if is_oci(source):
         newest = registry.newest_version(running) or running
     else:
         proc = _sysupdate("--json=short", "list", capture=True)
@@ -102,7 +114,7 @@ def check(running: str) -> dict[str, Any]:
     if installed is None:
         result |= {"state": "available",
                    "message": f"update available: {newest} (running {running})"}
-        result |= _preview(running, newest)
+        result |= _preview(running, newest, source)
         return result
     if installed.state == "bad":
         return result | {"state": "bad", "message": f"up to date: {running}; {newest} is "
@@ -111,16 +123,15 @@ def check(running: str) -> dict[str, Any]:
                      "message": f"{newest} is installed and boots next (running {running})"}
 
 
-def _preview(running: str, newest: str) -> dict[str, Any]:
+def _preview(running: str, newest: str, update_source: str) -> dict[str, Any]:
     """Download sizes and package changes of an update to `newest` (what can be known: a
     source without a store or manifests gives less, never an error)."""
-    ctx = _delta_setup()
-    if ctx is None or registry.is_oci(ctx[0].base):
+    if is_oci(update_source):
         return {}  # registries: the version and nothing more, for now
-    source, image_id, verify, _ = ctx
+    source, image_id, verify, _ = _delta_setup(update_source)
     work = Path("/run/particle-check")
     out: dict[str, Any] = {}
-    _clean_dir(work)
+    remove_tree(work)
     work.mkdir(mode=0o700, parents=True)
     try:
         sums = delta.read_published(source, work, verify)
@@ -138,14 +149,14 @@ def _preview(running: str, newest: str) -> dict[str, Any]:
     except delta.DeltaError as err:
         out["note"] = f"no details: {err}"
     finally:
-        _clean_dir(work)
+        remove_tree(work)
     return out
 
 
 def _manifest(image_id: str, version: str, sums: dict[str, str], source: delta.Source,
               work: Path) -> Manifest | None:
     """A version's build manifest: kept on this machine, else published (digest-checked)."""
-    name = f"{image_id}_{version}{delta.MANIFEST_SUFFIX}"
+    name = artifact_stem(image_id, version) + MANIFEST_SUFFIX
     try:
         return Manifest.from_json((delta.KEPT / name).read_text())
     except (OSError, ValueError):
@@ -191,12 +202,9 @@ def render_check(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _delta_setup() -> tuple[delta.Source, str, bool, bool] | None:
+def _delta_setup(source: str) -> tuple[delta.Source, str, bool, bool]:
     """(source, image id, verify the index, signed /usr) from the image's transfer files."""
-    source = status.update_source()
-    if source is None:
-        return None
-    image_id = boot_entries.os_release_fields(status.OS_RELEASE.read_text()).get("IMAGE_ID", "")
+    image_id = boot_entries.running_image()[0]
     verify = signed = False
     for d in status.SYSUPDATE_DIRS:
         for f in sorted(d.glob("*.transfer")) if d.is_dir() else []:
@@ -227,16 +235,6 @@ def _held(image_id: str) -> list[delta.Held]:
     return held
 
 
-def _clean_dir(path: Path) -> None:
-    for root, dirs, names in os.walk(path, topdown=False) if path.exists() else []:
-        for n in names:
-            os.unlink(os.path.join(root, n))
-        for d in dirs:
-            os.rmdir(os.path.join(root, d))
-    if path.exists():
-        os.rmdir(path)
-
-
 def _extension_transfers() -> bool:
     """Whether installed extensions have transfers of their own: sysupdate's full download
     runs them with the base's; the local install of a delta does not."""
@@ -245,14 +243,11 @@ def _extension_transfers() -> bool:
                               for p in d.glob("*.transfer"))
 
 
-def install_by_delta(running: str) -> bool:
+def install_by_delta(running: str, update_source: str) -> bool:
     """Install the newest version from chunks this machine has plus those the source's store
     holds. False when sysupdate's own download has to do it: nothing newer, no store, or the
     delta failed (said in one line; nothing of it is installed)."""
-    ctx = _delta_setup()
-    if ctx is None:
-        return False
-    source, image_id, verify, signed = ctx
+    source, image_id, verify, signed = _delta_setup(update_source)
     delta.clean_incoming()
     work = delta.INCOMING / ".work"
     work.mkdir(parents=True, exist_ok=True)
@@ -314,10 +309,10 @@ def running_unproven(found: list[Entry], running: str) -> str | None:
 
 
 def cmd_update(args: argparse.Namespace) -> int:
-    _require_definitions()
+    source = _require_definitions()
     running = _running_version()
     if args.check:
-        result = check(running)
+        result = check(running, source)
         if args.json or args.update_json:
             print(json.dumps(result, indent=2))
         else:
@@ -341,11 +336,11 @@ def cmd_update(args: argparse.Namespace) -> int:
             print(f"removed an interrupted download: {p}")
         for name in switch.detach_stale_usr():
             print(f"detached the unused /usr device {name}")
-        print(f"running {running}; looking for updates at {status.update_source()}", flush=True)
-        if registry.is_oci(status.update_source()):  # particle fetches and verifies, then
+        print(f"running {running}; looking for updates at {source}", flush=True)
+        if is_oci(source):  # particle fetches and verifies, then
             if registry.fetch(running, {e.version for e in before}, INCOMING):  # sysupdate
                 install_local()
-        elif not install_by_delta(running):
+        elif not install_by_delta(running, source):
             install_from_source()
     _, found = _entries()
     default = next((e for e in found if e.default), None)
@@ -384,9 +379,7 @@ def install_local() -> None:
         proc = _sysupdate(f"--definitions={LOCAL_DEFINITIONS}", "update")
         _finish_install(proc, f"systemd-sysupdate update from {INCOMING}")
     finally:
-        for f in INCOMING.iterdir() if INCOMING.is_dir() else []:
-            if f.is_file():
-                f.unlink()
+        clear_dir(INCOMING)
 
 
 def _finish_install(proc: subprocess.CompletedProcess[str], what: str) -> None:
@@ -423,7 +416,7 @@ def choose_rollback(found: list[Entry], slot_of: dict[str, bool]) -> tuple[Entry
 def _entries_on_disk() -> tuple[list[Entry], dict[str, bool]]:
     """The boot entries, and which of them have their /usr on this disk (name -> True)."""
     _, found = _entries()
-    image_id = boot_entries.os_release_fields(status.OS_RELEASE.read_text()).get("IMAGE_ID", "")
+    image_id = boot_entries.running_image()[0]
     st_slots = status.slots_from_gpt(gpt.read_disk_gpt(_disk()), image_id)
     status.link_entries(st_slots, found)
     return found, {name: True for s in st_slots for name in s.entries}

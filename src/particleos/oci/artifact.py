@@ -30,6 +30,7 @@ from ..formats import (
     OCI_TITLE,
     OCI_VERSION,
     SHA256SUMS,
+    SIGNATURE,
     Manifest,
     format_sha256sums,
     oci_version_tag,
@@ -37,16 +38,13 @@ from ..formats import (
     sha256_file,
 )
 from ..ui import ui
-from ..update.publish import SIGNATURE, Signer, find_version
+from ..update.publish import Signer, find_version
 from .registry import MANIFEST_V1, Credentials, Reference, Registry
 
-ARTIFACT_TYPE: Final = OCI_ARTIFACT_TYPE
 EMPTY_CONFIG: Final = "application/vnd.oci.empty.v1+json"
 EMPTY_DATA: Final = b"{}"
 SUMS_TYPE: Final = "application/vnd.particleos.sha256sums.v1"
 SUMS_SIG_TYPE: Final = "application/pgp-signature"
-TITLE: Final = OCI_TITLE
-VERSION: Final = OCI_VERSION
 PREFIX: Final = "org.particleos."
 
 # Suffix of a served file name -> media type ({fs}: the usr file system of the build).
@@ -73,7 +71,7 @@ class Blob:
         d: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest,
                              "size": self.size}
         if self.name:
-            d["annotations"] = {TITLE: self.name}
+            d["annotations"] = {OCI_TITLE: self.name}
         return d
 
 
@@ -100,11 +98,6 @@ def media_type(name: str, manifest: Manifest) -> str:
         if name.endswith(suffix):
             return mtype.format(fs=manifest.usr_filesystem or "erofs")
     return SYSEXT_TYPE
-
-
-def version_tag(version: str) -> str:
-    """The tag of a version (formats.oci_version_tag: machines map tags the same way)."""
-    return oci_version_tag(version)
 
 
 def version_blobs(build_dir: Path, version: str | None, sign: Signer | None) \
@@ -148,12 +141,12 @@ def image_manifest(manifest: Manifest, blobs: list[Blob]) -> bytes:
     doc = {
         "schemaVersion": 2,
         "mediaType": MANIFEST_V1,
-        "artifactType": ARTIFACT_TYPE,
+        "artifactType": OCI_ARTIFACT_TYPE,
         "config": {"mediaType": EMPTY_CONFIG, "digest": config.digest, "size": config.size,
                    "data": "e30="},
         "layers": [b.descriptor() for b in blobs],
         "annotations": {
-            VERSION: manifest.version,
+            OCI_VERSION: manifest.version,
             OCI_ID: manifest.id,
             f"{PREFIX}root-hash": manifest.root_hash,
             f"{PREFIX}release": manifest.release,
@@ -201,7 +194,7 @@ def push(
     config = _small("", EMPTY_CONFIG, EMPTY_DATA)
     upload(registry, [config, *blobs], result)
     body = image_manifest(manifest, blobs)
-    tags = [version_tag(manifest.version)]
+    tags = [oci_version_tag(manifest.version)]
     if (moving := ref.tag or moving_tag) and moving not in tags:
         tags.append(moving)
     for tag in tags:

@@ -25,11 +25,11 @@ from ..cache import atomic_dir, cache_root, fsync_path, work_dir
 from ..errors import ParticleError
 from ..ext.base import extract_usr, find_base, root_from_usr
 from ..ext.cli import DEFAULT_MIRROR
-from ..formats import Manifest
+from ..formats import Manifest, oci_version_tag
 from ..runner import interruptible
 from ..tools import ToolsTree
 from ..ui import ui
-from .artifact import Blob, PushResult, upload, version_tag
+from .artifact import Blob, PushResult, upload
 from .registry import MANIFEST_V1, Credentials, Reference, Registry
 
 CONFIG_TYPE: Final = "application/vnd.oci.image.config.v1+json"
@@ -69,7 +69,7 @@ def export(build_dir: Path, *, version: str | None = None, output: Path | None =
     ref = Reference.parse(to) if to is not None else None
     built = find_base(build_dir, version)
     m = built.manifest
-    result = ExportResult(m.id, m.version, tags=[version_tag(m.version)])
+    result = ExportResult(m.id, m.version, tags=[oci_version_tag(m.version)])
     work = cache_root() / "work" / f"oci-{m.id}_{m.version}-{uuid.uuid4().hex[:8]}"
     tools = ToolsTree(m.mirror or DEFAULT_MIRROR)
     with interruptible(), work_dir(work):

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Final
 
 from ..errors import ParticleError
-from ..formats import auth_file_credentials
+from ..formats import auth_file_credentials, oci_api_host, oci_repository
 
 MANIFEST_V1: Final = "application/vnd.oci.image.manifest.v1+json"
 INDEX_V1: Final = "application/vnd.oci.image.index.v1+json"
@@ -37,9 +37,6 @@ _ACCEPT: Final = ", ".join([MANIFEST_V1, INDEX_V1,
                             "application/vnd.docker.distribution.manifest.v2+json"])
 _LOOPBACK: Final = {"localhost", "127.0.0.1", "::1", "[::1]"}
 _TAG: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-_REPO: Final = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)"
-                          r"[a-z0-9]+)*)*$")
-DOCKER_HUB: Final = "docker.io"
 
 
 @dataclass(frozen=True)
@@ -67,17 +64,16 @@ class Reference:
             rest, tag = name, maybe_tag
             if not _TAG.match(tag):
                 raise ParticleError(f"{text}: {tag!r} is not a valid tag")
-        if host == DOCKER_HUB and "/" not in rest:
-            rest = f"library/{rest}"
-        if not _REPO.match(rest):
+        repository = oci_repository(host, rest)
+        if repository is None:
             raise ParticleError(
                 f"{text}: {rest!r} is not a valid repository name (lower case, digits, . _ - /)"
             )
-        return cls(host, rest, tag)
+        return cls(host, repository, tag)
 
     @property
     def api_host(self) -> str:
-        return "registry-1.docker.io" if self.registry == DOCKER_HUB else self.registry
+        return oci_api_host(self.registry)
 
     def __str__(self) -> str:
         return f"{self.registry}/{self.repository}" + (f":{self.tag}" if self.tag else "")
@@ -106,12 +102,9 @@ def auth_files() -> list[Path]:
 
 def find_credentials(registry: str, files: list[Path] | None = None) -> Credentials | None:
     """`user:password` for `registry` from the first auth file that has an entry for it."""
-    keys = [registry, f"https://{registry}", f"http://{registry}"]
-    if registry == DOCKER_HUB:
-        keys += ["https://index.docker.io/v1/", "index.docker.io"]
     for path in files if files is not None else auth_files():
         try:
-            found = auth_file_credentials(path, keys)
+            found = auth_file_credentials(path, registry)
         except ValueError as err:
             raise ParticleError(str(err)) from err
         if found is not None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..formats import SHA256SUMS, ChunkIndex, chunk_index_file, read_sha256sums
-from ..update.publish import SIGNATURE, version_of
+from ..formats import SHA256SUMS, SIGNATURE, ChunkIndex, chunk_index_file, read_sha256sums
+from ..update.publish import version_of
 
 
 @dataclass

@@ -23,8 +23,6 @@ from typing import Any
 
 from ..errors import ParticleError
 from ..formats import (
-    CDC_DEFAULT,
-    CDC_FILESYSTEM,
     CHUNK_SUFFIX,
     CHUNKS_DIR,
     ChunkError,
@@ -33,7 +31,7 @@ from ..formats import (
     chunk_path,
     encode_chunk,
 )
-from .chunker import chunks
+from .chunker import CDC_DEFAULT, CDC_FILESYSTEM, chunks
 
 IN_FLIGHT = 64  # chunks being compressed at once (bounds memory: 64 x max chunk size)
 
@@ -43,7 +41,7 @@ def params_for(name: str) -> dict[str, Any]:
     image, extension images) and the verity tree (a changed data block changes 32 bytes of
     it: v1 -> v1 + htop, 0.56 MiB new at 4/16/64 KiB against 0.81 at 16/64/256), the
     default for the UKI."""
-    if name.endswith((".efi", ".usr-verity-sig.raw")):
+    if name.endswith(".efi"):
         return dict(CDC_DEFAULT)
     return dict(CDC_FILESYSTEM)
 

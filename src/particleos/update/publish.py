@@ -16,7 +16,6 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,17 +28,18 @@ from ..formats import (
     chunk_index_file,
     chunk_index_name,
     format_sha256sums,
+    parse_published_name,
     read_sha256sums,
     sha256_file,
     verity_partition_uuids,
     verity_sig_uuid,
 )
+from ..formats import SIGNATURE as SIGNATURE
 from ..machine.versions import version_key
 from ..store.store import GcStats, PutStats, collect_garbage, index_names, put_file
 from .transfer import UKI, USR, VERITY, VERITY_SIG, Part, served_name
 
 INDEX = SHA256SUMS
-SIGNATURE = "SHA256SUMS.gpg"
 LOCK = ".particle-publish.lock"
 
 # sign(index) writes a detached signature of `index` to `index` + ".gpg" (e.g. gpg
@@ -108,15 +108,8 @@ def find_version(build_dir: Path, version: str | None = None) -> BuiltVersion:
 def version_of(name: str, image_id: str) -> str | None:
     """The version in a published file name of `image_id` (`ID_VERSION[_UUID].suffix`, or a
     chunk index `chunks.that.json`)."""
-    name = chunk_index_file(name) or name
-    if not name.startswith(f"{image_id}_"):
-        return None
-    rest = name[len(image_id) + 1 :]
-    m = re.match(r"^([A-Za-z0-9.~^-]+?)(?:_[0-9a-fA-F-]{32,36})?\.(usr|usr-verity|"
-                 r"usr-verity-sig)\.raw$|^([A-Za-z0-9.~^-]+?)\.(efi|manifest\.json)$", rest)
-    if not m:
-        return None
-    return m.group(1) or m.group(3)
+    found = parse_published_name(chunk_index_file(name) or name, image_id)
+    return found[0] if found else None
 
 
 def publish(
@@ -150,7 +143,7 @@ def publish(
         if chunks:
             for name in built.chunkable:
                 iname = chunk_index_name(name)
-                if iname in index and (update_dir / iname).is_file():
+                if iname in index:  # the index holds only files that are there
                     continue  # this very file was chunked before (a version never changes)
                 chunk_index, stats = put_file(update_dir, update_dir / name, name)
                 data = chunk_index.to_bytes()

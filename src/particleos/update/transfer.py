@@ -15,17 +15,15 @@ from dataclasses import dataclass
 from typing import Final
 from uuid import UUID
 
+# The local transfers, the incoming directory and the registry source file are contracts with
+# the machine (formats.py): the build writes them, `particle update` reads them.
+from ..formats import INCOMING_DIR as INCOMING_DIR
+from ..formats import LOCAL_SYSUPDATE_DIR as LOCAL_SYSUPDATE_DIR
+from ..formats import SOURCE_FILE as SOURCE_FILE
+from ..formats import is_oci as is_oci
+
 # Directory in the image that systemd-sysupdate reads (vendor definitions, in /usr).
 SYSUPDATE_DIR: Final = "usr/lib/sysupdate.d"
-# The same transfers with a local source: the machine puts a version's files into INCOMING_DIR
-# itself (reassembled from chunks, or fetched from a registry), verifies them, and lets sysupdate
-# install them from there (`--definitions=`), so every path keeps sysupdate's slot handling.
-LOCAL_SYSUPDATE_DIR: Final = "usr/lib/particle/sysupdate.local.d"
-INCOMING_DIR: Final = "/var/lib/particle/incoming"
-# The `[update] source` of an image whose updates sysupdate cannot fetch itself (an OCI
-# registry): the machine's `particle update` reads it here (machine.status.update_source).
-SOURCE_FILE: Final = "usr/lib/particle/update-source"
-OCI_SCHEMES: Final = ("oci://", "oci+http://")  # https, and plain http (loopback/test registries)
 ESP_UKI_DIR: Final = "/EFI/Linux"
 INSTANCES_MAX: Final = 2  # A/B: the running version plus the one being installed
 
@@ -57,11 +55,6 @@ def parts(verity_sig: bool = False) -> list[Part]:
 
 def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
-
-
-def is_oci(source: str) -> bool:
-    """A registry source: `particle update` fetches and verifies, sysupdate installs locally."""
-    return source.startswith(OCI_SCHEMES)
 
 
 def served_name(
