@@ -88,17 +88,34 @@ def cache_entry(final: Path, ready: Callable[[Path], bool]) -> Iterator[Path | N
     if ready(final):
         yield None
         return
-    # A plain flock file next to the entry; never removed (unlinking a lock file races).
-    fd = os.open(final.with_name(f".{final.name}.making"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                 0o600)
+    lock = final.with_name(f".{final.name}.making")
+    fd = _lock_existing(lock)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         if ready(final):
             yield None
             return
         with atomic_dir(final) as tmp:
             yield tmp
     finally:
+        # Unlinked while still held: a waiter on this inode then sees it gone and retries.
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _lock_existing(lock: Path) -> int:
+    """flock `lock`, creating it if need be, and return the descriptor once the lock is held
+    on the file that still has that name (its holder unlinks it before letting go)."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
         os.close(fd)
 
 

@@ -140,4 +140,35 @@ def test_a_cache_entry_is_made_once_while_others_wait(tmp_path: Path) -> None:
     first.join()
     assert made == ["first"]
     assert (final / "usr/maker").read_text() == "first"
-    assert sorted(p.name for p in final.parent.iterdir()) == [".t1.making", "t1"]
+    assert sorted(p.name for p in final.parent.iterdir()) == ["t1"]  # lock gone with its maker
+
+
+def test_makers_of_one_entry_never_overlap_though_the_lock_file_goes(tmp_path: Path) -> None:
+    """The lock file is unlinked by its holder; a waiter that locked the unlinked file must
+    notice and queue on the new one, or two makers would run at once."""
+    import threading
+
+    from particleos.cache import cache_entry
+
+    final = tmp_path / "t1"
+    inside: list[int] = []
+    overlaps: list[int] = []
+
+    def build() -> None:
+        for _ in range(5):
+            with cache_entry(final, lambda p: False) as tmp:
+                assert tmp is not None
+                inside.append(1)
+                if len(inside) > 1:
+                    overlaps.append(len(inside))
+                time.sleep(0.01)
+                tmp.mkdir()
+                inside.pop()
+
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t1"]
