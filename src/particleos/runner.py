@@ -23,7 +23,6 @@ PACKAGE_OF = {
     "mkfs.erofs": "erofs-utils",
     "mksquashfs": "squashfs-tools",
     "veritysetup": "cryptsetup-bin",
-    "sfdisk": "fdisk",
     "mkfs.vfat": "dosfstools",
     "mkfs.ext4": "e2fsprogs",
     "mcopy": "mtools",

@@ -148,6 +148,13 @@ def test_partition_table(built: Build) -> None:
     assert all("attrs" not in p for p in table[:7])
     header = json.loads(run("sfdisk", "--json", built.disk))["partitiontable"]
     assert UUID(header["id"]) == DISK_UUID and header["sectorsize"] == 512
+    # util-linux reads our table as we meant it: both headers valid, the backup at the end.
+    assert [(p["start"], p["size"], p["name"]) for p in header["partitions"]] == [
+        (p["start"], p["size"], p["name"]) for p in table]
+    assert header["lastlba"] == built.disk.stat().st_size // 512 - 34
+    verify = subprocess.run(["sfdisk", "--verify", str(built.disk)], capture_output=True,
+                            text=True)
+    assert verify.returncode == 0 and "No errors detected" in verify.stdout, verify.stdout
     assert built.disk.stat().st_size == disk_size(built.parts)
 
 
@@ -233,7 +240,7 @@ def _copy_fails_midway(parts: list[Partition], monkeypatch: pytest.MonkeyPatch, 
 
     def failing_copy(fd: int, src: Path, offset: int) -> None:
         calls.append(src)
-        if len(calls) == 3:  # the table and two partitions are in the temporary file by now
+        if len(calls) == 3:  # two partitions are in the temporary file by now (the table goes last)
             assert list(d.glob(".disk.raw.tmp*"))
             raise OSError(errno.ENOSPC, "No space left on device")
         real_copy(fd, src, offset)

@@ -240,10 +240,13 @@ def zero_range(fd: int, offset: int, length: int, block: bool) -> None:
         pos += n
 
 
-def copy_range(src: int, dst: int, offset: int, length: int, block: bool = False) -> None:
-    """Copy [offset, offset+length) from src to the same offset of dst, leaving out holes and
-    all-zero chunks so a sparse target stays sparse. On a block device what is left out is
-    zeroed (zero_range, one call per run), so each byte of the range is written once."""
+def copy_range(src: int, dst: int, offset: int, length: int, block: bool = False,
+               to: int | None = None) -> None:
+    """Copy [offset, offset+length) from src to dst at `to` (default: the same offset), leaving
+    out holes and all-zero chunks so a sparse target stays sparse. On a block device what is
+    left out is zeroed (zero_range, one call per run), so each byte of the range is written
+    once."""
+    shift = (offset if to is None else to) - offset
     end = offset + length
     skipped = offset  # where the run of bytes left out so far begins
     for a, b in _extents(src, offset, end):
@@ -253,14 +256,14 @@ def copy_range(src: int, dst: int, offset: int, length: int, block: bool = False
             if not chunk:
                 raise InstallError(f"the source ended at byte {pos} (expected {b})")
             if chunk != ZEROS[:len(chunk)]:
-                zero_range(dst, skipped, pos - skipped, block)
+                zero_range(dst, skipped + shift, pos - skipped, block)
                 view = memoryview(chunk)
                 done = 0
                 while done < len(chunk):
-                    done += os.pwrite(dst, view[done:], pos + done)
+                    done += os.pwrite(dst, view[done:], pos + shift + done)
                 skipped = pos + len(chunk)
             pos += len(chunk)
-    zero_range(dst, skipped, end - skipped, block)
+    zero_range(dst, skipped + shift, end - skipped, block)
 
 
 def write_disk(src: int, dst: int, the_plan: Plan, disk_bytes: int, *, block: bool,
