@@ -46,7 +46,7 @@ STOP_GRACE: Final = 60.0  # seconds for a clean shutdown after SIGTERM before SI
 MULTI_USER: Final = re.compile(rb"Reached target .{0,40}?(?:multi-user\.target|Multi-User System)")
 
 # Runs as the only process of a new mount namespace: mount /usr, make the root as the
-# machine's first boot would (particle-etc.sh in the initrd does the same), then become nspawn.
+# machine's boots do (with the particle-etc.sh the image's initrd runs), then become nspawn.
 # Setup errors go to $log and $ready stays absent, so the caller can tell them from the
 # container's own exit status.
 _ENTER: Final = r"""
@@ -65,14 +65,14 @@ image="$1"; fstype="$2"; root="$3"; log="$4"; ready="$5"; shift 5
         echo "$image has no share/factory/etc: not a ParticleOS usr image"
         exit 1
     fi
-    stamp="$root/etc/.particle-factory"
-    if [ ! -e "$stamp" ]; then
-        mkdir -p "$root/etc" "$root/var"
-        cp -a --no-clobber "$factory/etc/." "$root/etc/"
-        if [ -d "$factory/var" ]; then cp -a --no-clobber "$factory/var/." "$root/var/"; fi
-        cp "$root/usr/lib/os-release" "$stamp.tmp"
-        mv "$stamp.tmp" "$stamp"
+    etc="$root/usr/lib/dracut/modules.d/90particle/particle-etc.sh"
+    if [ ! -e "$etc" ]; then
+        echo "$image has no lib/dracut/modules.d/90particle/particle-etc.sh: rebuild it"
+        exit 1
     fi
+    # What the initrd does at every boot: /etc and /var from the factory copy the first time,
+    # then the /etc merge of the image's own etcmerge.
+    out=$(PARTICLE_KMSG=/dev/null sh "$etc" "$root")
     for name in bin sbin lib lib64; do
         if [ -e "$root/usr/$name" ] && [ ! -e "$root/$name" ] && [ ! -L "$root/$name" ]; then
             ln -s "usr/$name" "$root/$name"
@@ -81,12 +81,7 @@ image="$1"; fstype="$2"; root="$3"; log="$4"; ready="$5"; shift 5
     for name in dev proc sys run tmp root; do mkdir -p "$root/$name"; done
     chmod 1777 "$root/tmp"
 } 2>"$log"
-merge="$root/usr/lib/particleos/particleos/machine/etcmerge.py"
-if [ -e "$merge" ] && [ -x "$root/usr/bin/python3" ]; then
-    out=$(PYTHONPATH=/usr/lib/particleos PYTHONDONTWRITEBYTECODE=1 \
-          chroot "$root" /usr/bin/python3 -m particleos.machine.etcmerge boot / 2>&1) || true
-    case "$out" in *"/etc belongs to"*) ;; *) echo "$out" >&2 ;; esac
-fi
+case "$out" in ""|*"/etc belongs to"*) ;; *) echo "$out" >&2 ;; esac
 : > "$ready"
 exec "$@"
 """

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from particleos.builder.bootstrap import skeleton_files
 from particleos.cache import sweep_stale
 from particleos.container import attached_loops
 from particleos.formats import Manifest
@@ -56,12 +57,17 @@ esac
 
 def fake_build(tmp: Path, *, filesystem_ok: bool = True) -> Path:
     """A build directory as `particle build` leaves it, as far as containers look: an erofs
-    usr image with os-release and factory /etc, its verity tree and the manifest."""
+    usr image with os-release, factory /etc and the initrd's particle-etc.sh, its verity tree
+    and the manifest."""
     usr = tmp / "usr"
     (usr / "lib").mkdir(parents=True)
     (usr / "lib/os-release").write_text('PRETTY_NAME="Fake 1"\nIMAGE_VERSION="1"\n')
     (usr / "share/factory/etc").mkdir(parents=True)
     (usr / "share/factory/etc/motd").write_text("factory motd\n")
+    for name, data in skeleton_files().items():  # particle-etc.sh, as builds ship it
+        if name.startswith("usr/"):
+            (usr / name[4:]).parent.mkdir(parents=True, exist_ok=True)
+            (usr / name[4:]).write_bytes(data)
     out = tmp / "out"
     out.mkdir()
     image = out / "fake_1.usr.raw"

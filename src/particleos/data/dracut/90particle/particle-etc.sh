@@ -1,11 +1,13 @@
 #!/bin/sh
-# Runs in the initrd with the new root at $1 and its verity-checked /usr mounted.
+# Runs in the initrd with the new root at $1 and its verity-checked /usr mounted (and, from
+# the image's /usr, before `particle shell`/`particle run` start a container of it).
 # First boot: /etc and /var come from the factory copy. Every boot: the new root's own
 # `particleos.machine.etcmerge` (Python from /usr, run in a chroot) keeps /etc in step with
 # the running version: a three-way merge at the first boot of a new version, the /etc a
 # version last had when it boots again (rollback), nothing otherwise.
 set -eu
 root="$1"
+kmsg="${PARTICLE_KMSG:-/dev/kmsg}"  # `particle shell` (a container on the host) sets /dev/null
 factory="$root/usr/share/factory"
 stamp="$root/etc/.particle-factory"
 if [ ! -e "$stamp" ]; then
@@ -21,7 +23,7 @@ if [ ! -e "$stamp" ]; then
         : > "$stamp"
     fi
     sync
-    echo "particle: populated /etc and /var from the factory copy" > /dev/kmsg || true
+    echo "particle: populated /etc and /var from the factory copy" > "$kmsg" || true
 fi
 # --- /etc across updates (etcmerge) ---
 if [ -e "$root/usr/lib/particleos/particleos/machine/etcmerge.py" ] && [ -x "$root/usr/bin/python3" ]; then
@@ -34,7 +36,7 @@ if [ -e "$root/usr/lib/particleos/particleos/machine/etcmerge.py" ] && [ -x "$ro
     out=$(PYTHONPATH=/usr/lib/particleos PYTHONDONTWRITEBYTECODE=1 \
           chroot "$root" $ld /usr/bin/python3 -m particleos.machine.etcmerge boot / 2>&1) || true
     echo "$out" | while IFS= read -r line; do
-        echo "$line" > /dev/kmsg || true
+        echo "$line" > "$kmsg" || true
         echo "$line"
     done
 fi
