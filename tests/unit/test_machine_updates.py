@@ -52,6 +52,10 @@ def test_machine_modules_use_only_python3_minimal(module: str) -> None:
 # --- GPT -------------------------------------------------------------------------------------
 
 
+def dashed(hex32: str) -> str:
+    return formats.guid_text(bytes.fromhex(hex32))
+
+
 def test_gpt_parsing_matches_sfdisk(tmp_path: Path) -> None:
     u = [UUID(int=i * 0x1111_2222_3333_4444_5555_6666_7777_8888 % (1 << 128)) for i in range(1, 6)]
     parts = [
@@ -84,7 +88,7 @@ def test_gpt_parsing_matches_sfdisk(tmp_path: Path) -> None:
 def test_guid_text_forms() -> None:
     u = UUID("0b0e7c6a-7f3e-4d57-9c1d-4c1f8b7f2a10")
     assert formats.guid_from_gpt(u.bytes_le) == str(u)
-    assert gpt.dashed(u.hex) == str(u)
+    assert dashed(u.hex) == str(u)
 
 
 # --- UKIs ------------------------------------------------------------------------------------
@@ -203,10 +207,10 @@ def test_stale_downloads_are_removed(tmp_path: Path) -> None:
 def test_status_links_entries_to_slots_and_renders(tmp_path: Path) -> None:
     rh_a, rh_b = "aa" * 16 + "bb" * 16, "cc" * 16 + "dd" * 16
     table = [
-        gpt.Partition(2, gpt.USR_VERITY, gpt.dashed(rh_a[32:]), f"{ID}_1", 0, 0, 0),
-        gpt.Partition(3, gpt.USR, gpt.dashed(rh_a[:32]), f"{ID}_1", 0, 0, 0),
-        gpt.Partition(4, gpt.USR_VERITY, gpt.dashed(rh_b[32:]), f"{ID}_2", 0, 0, 0),
-        gpt.Partition(5, gpt.USR, gpt.dashed(rh_b[:32]), f"{ID}_2", 0, 0, 0),
+        gpt.Partition(2, gpt.USR_VERITY, dashed(rh_a[32:]), f"{ID}_1", 0, 0, 0),
+        gpt.Partition(3, gpt.USR, dashed(rh_a[:32]), f"{ID}_1", 0, 0, 0),
+        gpt.Partition(4, gpt.USR_VERITY, dashed(rh_b[32:]), f"{ID}_2", 0, 0, 0),
+        gpt.Partition(5, gpt.USR, dashed(rh_b[:32]), f"{ID}_2", 0, 0, 0),
     ]
     slots = status.slots_from_gpt(table, ID)
     slots[1].running = True

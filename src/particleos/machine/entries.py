@@ -18,6 +18,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import formats
 from . import pe
 from .files import fsync_dir
 from .versions import vercmp
@@ -55,6 +56,15 @@ class Entry:
     def usrhash(self) -> str | None:
         m = re.search(r"(?:^|\s)usrhash=([0-9a-fA-F]+)", self.cmdline)
         return m.group(1).lower() if m else None
+
+    @property
+    def usr_uuids(self) -> tuple[str, str] | None:
+        """(usr, usr-verity) partition UUIDs this entry boots: its usrhash= halves, as the
+        builder names the partitions (formats.verity_partition_uuids)."""
+        rh = self.usrhash
+        if not rh or len(rh) < 64 or len(rh) % 2:
+            return None
+        return formats.verity_partition_uuids(rh)
 
     def to_json(self) -> dict[str, object]:
         return {

@@ -22,11 +22,6 @@ GptError = formats.GptError
 parse_gpt = formats.parse_gpt
 
 
-def dashed(hex32: str) -> str:
-    """32 hex digits (half a root hash) as a UUID string, as usrhash= names partitions."""
-    return formats.guid_text(bytes.fromhex(hex32))
-
-
 def read_disk_gpt(disk: str) -> list[Partition]:
     """The partition table of /dev/DISK as it is on the disk now."""
     sector = int((SYS_BLOCK / disk / "queue/logical_block_size").read_text())

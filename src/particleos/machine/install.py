@@ -371,12 +371,8 @@ def running_ukis(esp: Path, parts: list[formats.GptPartition], keep: set[int]) -
     from . import entries
 
     uuids = {p.uuid.lower() for p in parts if p.number in keep}
-    names = set()
-    for e in entries.list_entries(esp):
-        h = e.usrhash
-        if h and {u.lower() for u in formats.verity_partition_uuids(h)} <= uuids:
-            names.add(e.path.name)
-    return names
+    return {e.path.name for e in entries.list_entries(esp)
+            if e.usr_uuids and set(e.usr_uuids) <= uuids}
 
 
 def cmd_install(args: argparse.Namespace) -> int:

@@ -75,9 +75,9 @@ def slots_from_gpt(parts: list[gpt.Partition], image_id: str) -> list[Slot]:
 def link_entries(slots: list[Slot], entries: list[Entry]) -> None:
     """An entry belongs to the slot whose partition UUIDs are the halves of its usrhash=."""
     for entry in entries:
-        rh = entry.usrhash
-        slot = next((s for s in slots if rh and s.usr.uuid == gpt.dashed(rh[:32])
-                     and (s.verity is None or s.verity.uuid == gpt.dashed(rh[32:64]))), None)
+        u = entry.usr_uuids
+        slot = next((s for s in slots if u and s.usr.uuid.lower() == u[0]
+                     and (s.verity is None or s.verity.uuid.lower() == u[1])), None)
         if slot is not None:
             slot.entries.append(entry.path.name)
         elif entry.state != "bad":

@@ -53,11 +53,10 @@ def cmdline_value(cmdline: str, key: str) -> str | None:
 
 def soft_reboot(entry: Entry, disk: str) -> None:
     """Prepare /run/nextroot with the new /usr and ask systemd to soft-reboot into it."""
-    rh = entry.usrhash
-    if not rh or len(rh) < 64:
+    rh, uuids = entry.usrhash, entry.usr_uuids
+    if rh is None or uuids is None:
         raise MachineError(f"{entry.path.name} has no usrhash= on its command line")
-    data = partition_node(disk, gpt.dashed(rh[:32]))
-    hashdev = partition_node(disk, gpt.dashed(rh[32:64]))
+    data, hashdev = (partition_node(disk, u) for u in uuids)
     fstype = cmdline_value(entry.cmdline, "mount.usrfstype") or "erofs"
     name = f"usr-{entry.version}"
     if not Path(f"/dev/mapper/{name}").exists():

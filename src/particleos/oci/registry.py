@@ -134,7 +134,6 @@ class Registry:
         self.credentials = credentials
         self.push = push
         self._authorization: str | None = None
-        self.requests: list[tuple[str, str, int]] = []  # (method, path, status): what we sent
 
     # --- the API ------------------------------------------------------------------------------
 
@@ -214,9 +213,7 @@ class Registry:
         all_headers = {"User-Agent": "particleos", **headers}
         if self._authorization:
             all_headers["Authorization"] = self._authorization
-        r = _http(method, url, body, all_headers)
-        self.requests.append((method, urllib.parse.urlsplit(url).path, r.status))
-        return r
+        return _http(method, url, body, all_headers)
 
     def _authenticate(self, challenge: str) -> None:
         scheme, params = _parse_challenge(challenge)
