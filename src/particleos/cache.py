@@ -120,6 +120,38 @@ def _lock_existing(lock: Path) -> int:
 
 
 @contextlib.contextmanager
+def shared_apt(release: str, *, lists: bool = False) -> Iterator[list[tuple[Path, str]]]:
+    """The apt archives (and, with `lists`, package lists) every build of `release` shares,
+    as (host path, path in the tree) binds, held for the block. apt's own lock on them fails
+    at once when another apt holds it ("Could not get lock"), so two builds installing at
+    the same time would fail: this flock makes the second one wait its turn."""
+    shared = [(apt_archives(release), "/var/cache/apt/archives")]
+    if lists:
+        shared.append((cache_root() / "apt-lists" / release, "/var/lib/apt/lists"))
+    (shared[-1][0] / "partial").mkdir(parents=True, exist_ok=True)
+    fd = os.open(shared[0][0].with_name(f"{release}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            from .ui import ui
+
+            ui.info(f"waiting for another build that uses the shared apt cache of {release}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield shared
+    finally:
+        os.close(fd)
+
+
+def apt_archives(release: str) -> Path:
+    """Where the .deb files of `release` are kept between builds (see shared_apt)."""
+    archives = cache_root() / "apt-archives" / release
+    (archives / "partial").mkdir(parents=True, exist_ok=True)
+    return archives
+
+
+@contextlib.contextmanager
 def owner_lock(lock: Path) -> Iterator[None]:
     """Hold an exclusive flock on a new file `lock` for the block: while this process lives,
     what the lock names is in use. The file appears already locked (created under another

@@ -172,3 +172,35 @@ def test_makers_of_one_entry_never_overlap_though_the_lock_file_goes(tmp_path: P
         t.join()
     assert overlaps == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t1"]
+
+
+def test_builds_take_turns_with_the_shared_apt_cache(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """apt fails at once ("Could not get lock") when another apt holds the shared archives:
+    a second build waits for the first instead (CI saw the failure with two xdist workers)."""
+    import threading
+
+    from particleos.cache import shared_apt
+
+    monkeypatch.setenv("PARTICLE_CACHE_DIR", str(tmp_path))
+    events: list[str] = []
+    inside = threading.Event()
+
+    def first() -> None:
+        with shared_apt("trixie", lists=True) as binds:
+            assert [b[1] for b in binds] == ["/var/cache/apt/archives", "/var/lib/apt/lists"]
+            assert all((host / "partial").is_dir() for host, _ in binds)
+            inside.set()
+            time.sleep(0.3)
+            events.append("first done")
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert inside.wait(5)
+    with shared_apt("trixie") as binds:
+        events.append("second in")
+        assert binds == [(tmp_path / "apt-archives/trixie", "/var/cache/apt/archives")]
+    t.join()
+    assert events == ["first done", "second in"]
+    with shared_apt("bookworm"):  # another release's cache is another lock: no wait
+        pass

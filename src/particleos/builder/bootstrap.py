@@ -29,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 
 from .. import runner
-from ..cache import cache_entry, cache_root, remove_tree
+from ..cache import apt_archives, cache_entry, cache_root, remove_tree, shared_apt
 from ..errors import ParticleError
 from ..spec import Spec
 from ..tools import run_in_root
@@ -251,7 +251,7 @@ def _ensure_base(ctx: BuildContext) -> tuple[Path, str]:
 def _make_base(ctx: BuildContext, tmp: Path) -> None:
     """mmdebstrap into `tmp` (which becomes the cache entry when this succeeds)."""
     s = ctx.spec.system
-    archives = _archives(s.release)
+    archives = apt_archives(s.release)
     packages = base_packages(ctx.spec)
     with ui.step(f"Bootstrapping the base: {len(packages)} packages from {s.release} "
                  "(mmdebstrap)"):
@@ -286,16 +286,16 @@ def _make_tree(ctx: BuildContext, base: Path, tmp: Path, extras: list[str],
         lists = tmp / "var/lib/apt/lists"
         runner.run(["cp", "-a", "--reflink=auto", f"{base / 'lists'}/.", str(lists)],
                    what="copy of the package lists")
-        binds = [(_archives(release), "/var/cache/apt/archives")]
         try:
-            if extras:
-                run_in_root(tmp, [*APT, "install", "--no-install-recommends", *extras],
-                            binds=binds, env=APT_ENV, network=True,
-                            what=f"apt-get install {' '.join(extras)}")
-            if remove:
-                run_in_root(tmp, [*APT, "purge", "--allow-remove-essential", *remove],
-                            binds=binds, env=APT_ENV, network=False,
-                            what=f"apt-get purge {' '.join(remove)}")
+            with shared_apt(release) as binds:
+                if extras:
+                    run_in_root(tmp, [*APT, "install", "--no-install-recommends", *extras],
+                                binds=binds, env=APT_ENV, network=True,
+                                what=f"apt-get install {' '.join(extras)}")
+                if remove:
+                    run_in_root(tmp, [*APT, "purge", "--allow-remove-essential", *remove],
+                                binds=binds, env=APT_ENV, network=False,
+                                what=f"apt-get purge {' '.join(remove)}")
         finally:
             # What mmdebstrap's own clean-up leaves: no lists, no caches (layer 1's state).
             for entry in lists.iterdir():
@@ -350,7 +350,3 @@ def _write_files(root: Path, files: dict[str, bytes]) -> None:
         path.chmod(0o755 if rel.endswith(".sh") else 0o644)
 
 
-def _archives(release: str) -> Path:
-    archives = cache_root() / "apt-archives" / release
-    (archives / "partial").mkdir(parents=True, exist_ok=True)
-    return archives

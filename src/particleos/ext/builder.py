@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import runner
-from ..cache import cache_root, remove_tree
+from ..cache import apt_archives, remove_tree
 from ..errors import ParticleError
 from ..machine.sysext import RELEASE_DIR, artifact_name, parse_release
 from ..tools import ToolsTree
 from ..ui import ui
-from .chroot import apt_binds, run_in_tree
+from .chroot import run_apt, run_in_tree
 from .diff import copy_selection, diff_usr
 from .image import VeritySigner, pack
 from .release import extension_release_text
@@ -121,12 +121,11 @@ def build_extension(
         before = installed(root)
         dkms = [p for p in packages if p.split("=")[0].endswith("-dkms")]
         runtime = [p for p in packages if p not in dkms]
-        binds = apt_binds(base.release)
         apt = ["apt-get", "-y", "-o", "Dpkg::Use-Pty=0", "-o", "APT::Sandbox::User=root"]
-        run_in_tree(root, [*apt, "update"], binds=binds, what="apt-get update (extension)")
+        run_apt(root, base.release, [*apt, "update"], what="apt-get update (extension)")
         if runtime:
-            run_in_tree(root, [*apt, "install", "--no-install-recommends", *runtime],
-                        binds=binds, what=f"apt-get install {' '.join(runtime)}")
+            run_apt(root, base.release, [*apt, "install", "--no-install-recommends", *runtime],
+                    what=f"apt-get install {' '.join(runtime)}")
         diff = diff_usr(base_usr, root / "usr")
         kept = set(diff.kept())
         after_runtime = installed(root)
@@ -135,7 +134,7 @@ def build_extension(
         if dkms:
             # Build tools come after the snapshot of what the runtime packages changed: of
             # what the DKMS step adds, only the modules and their indexes are kept.
-            modules = _build_modules(root, base.kernel, dkms, apt, binds)
+            modules = _build_modules(root, base.release, base.kernel, dkms, apt)
             diff = diff_usr(base_usr, root / "usr")
             kept = kept | {p for p in diff.kept() if _module_path(p, base.kernel)}
         if not kept:
@@ -190,23 +189,22 @@ def build_extension(
 
 
 def _build_modules(
-    root: Path, kernel: str, dkms: list[str], apt: list[str], binds: list[tuple[Path, str]]
+    root: Path, release: str, kernel: str, dkms: list[str], apt: list[str]
 ) -> list[str]:
     """Install dkms, the headers of the base's exact kernel and the DKMS packages, build for
     that kernel (not the host's: `uname -r` in the chroot is the build host's), run depmod."""
     headers = f"linux-headers-{kernel}"
-    run_in_tree(root, [*apt, "install", "--no-install-recommends", "dkms", headers, *dkms],
-                binds=binds, what=f"apt-get install dkms {headers} {' '.join(dkms)}")
-    run_in_tree(root, ["dkms", "autoinstall", "-k", kernel], binds=binds,
-                what=f"dkms autoinstall -k {kernel}")
-    run_in_tree(root, ["depmod", "-a", kernel], binds=binds, what=f"depmod {kernel}")
+    run_apt(root, release, [*apt, "install", "--no-install-recommends", "dkms", headers, *dkms],
+            what=f"apt-get install dkms {headers} {' '.join(dkms)}")
+    run_in_tree(root, ["dkms", "autoinstall", "-k", kernel], what=f"dkms autoinstall -k {kernel}")
+    run_in_tree(root, ["depmod", "-a", kernel], what=f"depmod {kernel}")
     moddir = root / "usr/lib/modules" / kernel
     modules = sorted(
         str(p.relative_to(moddir)) for p in moddir.rglob("*")
         if p.name.endswith(MODULE_SUFFIXES) and "updates" in p.relative_to(moddir).parts
     )
     if not modules:
-        status = run_in_tree(root, ["dkms", "status"], binds=binds, what="dkms status",
+        status = run_in_tree(root, ["dkms", "status"], what="dkms status",
                              capture=True)
         raise ParticleError(
             f"dkms built no module for kernel {kernel} from {' '.join(dkms)}:\n{status}"
@@ -256,7 +254,7 @@ def _dropped_etc(base_usr: Path, root: Path) -> list[str]:
 
 def _deb_bytes(release: str, pkgs: dict[str, str]) -> int:
     """Size of the .deb files of `pkgs` in the shared archive cache (what apt downloaded)."""
-    archives = cache_root() / "apt-archives" / release
+    archives = apt_archives(release)
     total = 0
     for pkg, version in pkgs.items():
         ver = version.replace(":", "%3a")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..cache import cache_root
+from ..cache import shared_apt
 from ..tools import run_in_root
 
 ENV = {
@@ -18,14 +18,11 @@ ENV = {
 }
 
 
-def apt_binds(release: str) -> list[tuple[Path, str]]:
-    """Archives and package lists shared by every extension build of a release: a second
-    build downloads nothing it already has (apt locks both, so builds may run side by side)."""
-    archives = cache_root() / "apt-archives" / release
-    lists = cache_root() / "apt-lists" / release
-    for d in (archives / "partial", lists / "partial"):
-        d.mkdir(parents=True, exist_ok=True)
-    return [(archives, "/var/cache/apt/archives"), (lists, "/var/lib/apt/lists")]
+def run_apt(tree: Path, release: str, argv: Sequence[str], *, what: str) -> str:
+    """apt in `tree` with the archives and lists every build of `release` shares (a second
+    build downloads nothing it already has), waiting while another build uses them."""
+    with shared_apt(release, lists=True) as binds:
+        return run_in_tree(tree, argv, binds=binds, what=what)
 
 
 def run_in_tree(
