@@ -386,3 +386,32 @@ def test_usr_with_one_flipped_byte_is_caught_by_verity(signed: BuildResult, vars
         vm.expect(r"device-mapper: verity: [^\n]*data block \d+ is corrupted", timeout=240)
         text = vm.text()
     assert "PARTICLE-CHECK" not in text
+
+
+def test_enrolled_variables_hold_the_owner_certificate(tmp_path: Path, pair: KeyPair) -> None:
+    """Secure Boot enforced: the owner is PK, KEK and db; setup mode (the db only, what a
+    machine that enrolls its own keys starts from): nothing enforced."""
+    tools = ToolsTree()
+    _, template = find_ovmf()
+    enforced = enroll_vars(tools, template, pair.certificate, tmp_path / "sb.fd",
+                                      enforce=True)
+    setup = enroll_vars(tools, template, pair.certificate, tmp_path / "db.fd",
+                                   enforce=False)
+    shown = {
+        path: tools.run(["virt-fw-vars", "--input", path, "--print", "--verbose"],
+                        binds={tmp_path}, capture=True)
+        for path in (enforced, setup)
+    }
+
+    def holders(text: str) -> dict[str, str]:
+        """Variable name -> the subject of the certificate in it (or its first value)."""
+        return {m[0]: m[1].strip() for m in re.findall(
+            r"name=(\w+) [^\n]*\n(?:  siglist[^\n]*\n)?\s+(?:subject )?([^\n]*)", text)}
+
+    owner = pair.certificate.subject.rfc4514_string()
+    sb = holders(shown[enforced])
+    assert {sb[v] for v in ("PK", "KEK", "db")} == {owner}
+    assert sb["SecureBootEnable"] == "bool: ON"
+    db_only = holders(shown[setup])
+    assert db_only["db"] == owner
+    assert "PK" not in db_only and "KEK" not in db_only  # setup mode: nothing enforced

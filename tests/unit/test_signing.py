@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import shutil
 import struct
 import subprocess
@@ -261,33 +260,6 @@ def test_secure_boot_qemu_command_line(tmp_path: Path) -> None:
     plain = vm.qemu_argv(tmp_path / "d.raw", vm.VMOptions(), tmp_path / "v.fd", "tcg")
     assert plain[plain.index("-machine") + 1] == "q35"
     assert not any("secboot" in a or "cfi.pflash01" in a for a in plain)
-
-
-@pytest.mark.skipif(not (ToolsTree().path / "usr/bin/virt-fw-vars").exists(),
-                    reason="tools tree not built yet")
-def test_enrolled_variables_hold_the_owner_certificate(tmp_path: Path, pair: KeyPair) -> None:
-    tools = ToolsTree()
-    _, template = firmware.find_ovmf()
-    enforced = secureboot.enroll_vars(tools, template, pair.certificate, tmp_path / "sb.fd",
-                                      enforce=True)
-    setup = secureboot.enroll_vars(tools, template, pair.certificate, tmp_path / "db.fd",
-                                   enforce=False)
-    shown = {
-        path: tools.run(["virt-fw-vars", "--input", path, "--print", "--verbose"],
-                        binds={tmp_path}, capture=True)
-        for path in (enforced, setup)
-    }
-    def holders(text: str) -> dict[str, str]:
-        """Variable name -> the subject of the certificate in it (or its first value)."""
-        return {m[0]: m[1].strip() for m in re.findall(
-            r"name=(\w+) [^\n]*\n(?:  siglist[^\n]*\n)?\s+(?:subject )?([^\n]*)", text)}
-
-    sb = holders(shown[enforced])
-    assert {sb[v] for v in ("PK", "KEK", "db")} == {"CN=Test Owner"}
-    assert sb["SecureBootEnable"] == "bool: ON"
-    db_only = holders(shown[setup])
-    assert db_only["db"] == "CN=Test Owner"
-    assert "PK" not in db_only and "KEK" not in db_only  # setup mode: nothing enforced
 
 
 @needs_gpg
