@@ -42,7 +42,7 @@ install() {
     [ -e /etc/mke2fs.conf ] && inst_simple /etc/mke2fs.conf
     inst_simple "$moddir/sysroot-after-repart.conf" \
         "$systemdsystemunitdir/sysroot.mount.d/50-particle-repart.conf"
-    inst_multiple basename readlink
+    inst_multiple basename readlink udevadm
     inst_script "$moddir/particle-repart.sh" /usr/lib/particle/particle-repart
     inst_simple "$moddir/repart-loader-disk.conf" \
         "$systemdsystemunitdir/systemd-repart.service.d/50-particle-loader-disk.conf"

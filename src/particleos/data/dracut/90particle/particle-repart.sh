@@ -23,8 +23,16 @@ if [ -r "$var" ]; then
         [ -b "/dev/$parent" ] && disk="/dev/$parent"
     fi
 fi
+status=0
 if [ -n "$disk" ]; then
     echo "particle: systemd-repart on $disk (the disk of the booted ESP)" > /dev/kmsg || true
-    exec systemd-repart --dry-run=no "$disk"
+    systemd-repart --dry-run=no "$disk" || status=$?
+else
+    systemd-repart --dry-run=no || status=$?
 fi
-exec systemd-repart --dry-run=no
+# A partition repart created (factory reset, the first boot of an installed copy) makes the
+# kernel re-read the table; the uevents it raises must be handled before root and /usr are
+# mounted (sysroot.mount is ordered after this service). Handled later, they unmounted
+# /sysroot/usr under particle-etc in two of four full test runs: emergency mode.
+udevadm settle --timeout=60 || true
+exit "$status"
