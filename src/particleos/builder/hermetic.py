@@ -11,6 +11,7 @@ from pathlib import Path
 from .. import runner
 from ..cache import remove_tree
 from .context import BuildContext
+from .units import symlink
 
 # Parts of /var that are caches or host state of the build, not part of the OS.
 VAR_DROP = (
@@ -62,12 +63,7 @@ def move_enablement_links(root: Path) -> None:
             unit = Path(target).name
             if not (usr_units / unit).exists() and not _template_exists(usr_units, unit):
                 continue  # a unit defined in /etc stays enabled from /etc
-            dest_dir = usr_units / dep_dir.name
-            dest_dir.mkdir(exist_ok=True)
-            dest = dest_dir / link.name
-            if dest.exists() or dest.is_symlink():
-                dest.unlink()
-            dest.symlink_to(f"../{unit}")
+            symlink(f"../{unit}", usr_units / dep_dir.name / link.name)
             link.unlink()
         if not any(dep_dir.iterdir()):
             dep_dir.rmdir()
