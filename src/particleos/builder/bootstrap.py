@@ -31,10 +31,10 @@ from pathlib import Path
 from .. import runner
 from ..cache import apt_archives, cache_entry, cache_root, remove_tree, shared_apt
 from ..errors import ParticleError
+from ..formats import is_oci
 from ..spec import Spec
 from ..tools import run_in_root
 from ..ui import ui
-from ..update.transfer import is_oci
 from . import encryption
 from .context import BuildContext
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .. import openpgp, uki
 from ..errors import ParticleError
+from ..formats import is_oci
 from ..keys import KeyPair, load_key_pair
 from ..signing import (
     KERNEL_CMDLINE_MAX,
@@ -30,7 +31,6 @@ from ..signing import (
 )
 from ..spec import Spec
 from ..ui import ui
-from ..update.transfer import is_oci
 from .context import BuildContext
 from .loader import ship_loader
 

@@ -11,14 +11,11 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import ParticleError
-from ..update.transfer import (
-    INCOMING_DIR,
-    LOCAL_SYSUPDATE_DIR,
-    SOURCE_FILE,
-    SYSUPDATE_DIR,
-    is_oci,
-    transfer_files,
-)
+
+# The local transfers, the incoming directory and the registry source file are contracts with
+# the machine (formats.py): the build writes them, `particle update` reads them.
+from ..formats import INCOMING_DIR, LOCAL_SYSUPDATE_DIR, SOURCE_FILE, is_oci
+from ..update.transfer import SYSUPDATE_DIR, transfer_files
 from .context import BuildContext
 from .trust import verify_updates
 from .units import UNIT_DIR, enable, install_unit

@@ -18,9 +18,9 @@ from pathlib import Path
 from ..disk.fs import FAT32_MIN_SIZE
 from ..disk.layout import GPT_NAME_MAX
 from ..disk.sizes import MiB, format_size
+from ..formats import is_oci
 from ..machine.loader import read_loader
 from ..machine.registry import parse_source
-from ..update.transfer import is_oci
 from .errors import KeyPath, key_path
 from .model import Spec
 

@@ -15,13 +15,6 @@ from dataclasses import dataclass
 from typing import Final
 from uuid import UUID
 
-# The local transfers, the incoming directory and the registry source file are contracts with
-# the machine (formats.py): the build writes them, `particle update` reads them.
-from ..formats import INCOMING_DIR as INCOMING_DIR
-from ..formats import LOCAL_SYSUPDATE_DIR as LOCAL_SYSUPDATE_DIR
-from ..formats import SOURCE_FILE as SOURCE_FILE
-from ..formats import is_oci as is_oci
-
 # Directory in the image that systemd-sysupdate reads (vendor definitions, in /usr).
 SYSUPDATE_DIR: Final = "usr/lib/sysupdate.d"
 ESP_UKI_DIR: Final = "/EFI/Linux"
