@@ -40,8 +40,11 @@ install() {
     # Root created by systemd-repart (Format=ext4): after `particle install` or a factory reset.
     inst_multiple mkfs.ext4 mke2fs
     [ -e /etc/mke2fs.conf ] && inst_simple /etc/mke2fs.conf
-    inst_simple "$moddir/sysroot-after-repart.conf" \
+    inst_simple "$moddir/after-repart.conf" \
         "$systemdsystemunitdir/sysroot.mount.d/50-particle-repart.conf"
+    inst_simple "$moddir/after-repart.conf" \
+        "$systemdsystemunitdir/systemd-fsck-root.service.d/50-particle-repart.conf"
+    inst_simple "$moddir/initrd-nowatch.rules" "$udevrulesdir/61-particle-initrd-nowatch.rules"
     inst_multiple basename readlink udevadm
     inst_script "$moddir/particle-repart.sh" /usr/lib/particle/particle-repart
     inst_simple "$moddir/repart-loader-disk.conf" \

@@ -30,9 +30,25 @@ if [ -n "$disk" ]; then
 else
     systemd-repart --dry-run=no || status=$?
 fi
-# A partition repart created (factory reset, the first boot of an installed copy) makes the
-# kernel re-read the table; the uevents it raises must be handled before root and /usr are
-# mounted (sysroot.mount is ordered after this service). Handled later, they unmounted
-# /sysroot/usr under particle-etc in two of four full test runs: emergency mode.
+# udev's view of the disk is stale now. /dev/gpt-auto-root is made from the disk's record of its
+# root partition's UUID (ID_PART_GPT_AUTO_ROOT_UUID, read when the disk last had an event), and a
+# factory reset gives root a new UUID at the same place: the kernel sees no change, and the
+# first event on the partition (the file system check closing it) removed the link, the device
+# went away and took the mount of /sysroot with it (emergency mode, seen on CI). A root repart
+# created (the first boot of an installed copy, an encrypted root) gets no link at all until
+# the disk is read again. So: the disk first, then its partitions, each waited for; root is
+# checked and mounted only after this (after-repart.conf). udev's own re-read after repart
+# closes the disk is switched off in the initrd: it removes and re-adds every partition
+# (initrd-nowatch.rules).
+if [ -n "$disk" ]; then
+    name=${disk#/dev/}
+    udevadm trigger --settle --action=change "$disk" || true
+    parts=""
+    for p in /sys/class/block/"$name"/"$name"*; do
+        [ -e "$p/partition" ] && parts="$parts /dev/${p##*/}"
+    done
+    # shellcheck disable=SC2086 # one argument per partition
+    [ -n "$parts" ] && { udevadm trigger --settle --action=change $parts || true; }
+fi
 udevadm settle --timeout=60 || true
 exit "$status"
