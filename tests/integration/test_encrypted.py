@@ -4,9 +4,11 @@ one disk, three boots under QEMU with swtpm as the TPM.
 1. A fresh TPM: the first boot creates root as LUKS2 enrolled to the TPM (a systemd-tpm2
    token bound to PCR 7), / is dm-crypt, the recovery key is printed once, `particle status`
    says how root unlocks; a file is written.
-2. The same TPM: no prompt, the file is still there, no second recovery key.
+2. The same TPM: no prompt, the file is still there, no second recovery key. Then a factory
+   reset: the reboot makes a new LUKS2 volume sealed to the same TPM and shows a new recovery
+   key; the file is gone; a new one is written.
 3. A fresh, empty TPM: the disk does not unlock (the passphrase prompt, not a login); the
-   recovery key from boot 1 typed at the prompt unlocks it and the file is there.
+   recovery key from the reset typed at the prompt unlocks it and the new file is there.
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ def test_first_boot_creates_a_root_sealed_to_the_tpm(machine: Machine) -> None:
     assert len(RECOVERY_KEY.findall(vm.console)) == 1  # shown once
 
 
-def test_same_tpm_unlocks_without_a_prompt(machine: Machine) -> None:
+def test_same_tpm_unlocks_then_a_reset_seals_a_new_root(machine: Machine) -> None:
+    assert machine.recovery_key is not None and machine.luks_device is not None
     start = time.monotonic()
     with machine.boot(machine.tmp / "tpm", "2") as vm:
         sh = GuestShell(vm)
@@ -116,11 +119,30 @@ def test_same_tpm_unlocks_without_a_prompt(machine: Machine) -> None:
         assert sh.out("findmnt -no SOURCE /") == "/dev/mapper/root"
         # Its recovery key was made at the first boot: the unit's condition skips it now.
         assert sh.out("systemctl show -P ConditionResult particle-recovery-key.service") == "no"
+        console = vm.text()
+        assert re.search(PASSPHRASE_PROMPT, console) is None
+        assert "RECOVERY KEY" not in console  # made once, at the first boot only
+        # A factory reset replaces the volume: repart makes a new one in the initrd, which is
+        # unlocked only after it (it was unlocked before, with the old volume's key: emergency).
+        old_uuid = sh.out(f"cryptsetup luksUUID {machine.luks_device}")
+        sh.start("particle factory-reset --yes --reboot")
+        vm.expect(r"particle: switching now", 120)
+        start = time.monotonic()
+        m = vm.expect(RECOVERY_KEY, 900)
+        device, key = (g.decode() for g in m.groups())
+        sh.login(600)
+        machine.boot_seconds["factory reset"] = time.monotonic() - start
+        assert device == machine.luks_device and key != machine.recovery_key
+        assert sh.out(f"cryptsetup luksUUID {device}") != old_uuid
+        assert sh.out("findmnt -no SOURCE /") == "/dev/mapper/root"
+        assert sh.run("test -e /root/mark", check=False)[0] == 1
+        assert sh.json("particle status --json")["root"]["unlock"] == [
+            "tpm2 (PCR 7)", "recovery key"]
+        machine.recovery_key = key
+        sh.run(f"echo {MARK} > /root/mark && sync")
         sh.start("poweroff")
         vm.wait(300)
-    console = vm.text()
-    assert re.search(PASSPHRASE_PROMPT, console) is None
-    assert "RECOVERY KEY" not in console  # made once, at the first boot only
+    assert re.search(PASSPHRASE_PROMPT, vm.text()) is None
 
 
 def test_empty_tpm_needs_the_recovery_key(machine: Machine) -> None:

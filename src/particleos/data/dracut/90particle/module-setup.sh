@@ -60,6 +60,8 @@ install() {
     inst_simple "$moddir/rescue-trial.conf" \
         "$systemdsystemunitdir/rescue.service.d/50-particle-trial.conf"
     if particle_tpm2; then
+        inst_simple "$moddir/after-repart.conf" \
+            "$systemdsystemunitdir/systemd-cryptsetup@root.service.d/50-particle-repart.conf"
         # systemd dlopens libtss2 (not seen by ldd-based resolution), cryptsetup's TPM2 token
         # plugin too (mkfs.ext4 for repart's Format= is installed above for every image).
         inst_libdir_file "libtss2-esys.so.*" "libtss2-rc.so.*" "libtss2-mu.so.*" \
