@@ -190,8 +190,9 @@ def test_factory_reset_returns_to_a_first_boot(life: Life) -> None:
     assert sh.run(f"test -e /sys/firmware/efi/efivars/{VARIABLE}", check=False)[0] == 1
     assert sh.out("cat /etc/motd") == "Welcome to particle-minimal (ParticleOS)."
     m.seen["boot2_root"] = root_fills_disk(sh, "vda")
-    # Root was checked only on the device repart re-created: a check of the old one is stopped
-    # when repart deletes it, and the stop cancels the mount (emergency mode, seen on CI).
+    # Root was checked only after repart had replaced it: a check bound to the old root's
+    # /dev/gpt-auto-root is stopped when the link moves, and the stop cancels the mount
+    # (emergency mode, seen on CI).
     log = sh.out("journalctl -b -o short-monotonic --no-pager "
                  "-u systemd-repart.service -u systemd-fsck-root.service")
     events = [(float(line[1:line.index("]")]), line) for line in log.splitlines()

@@ -393,10 +393,8 @@ def test_enrolled_variables_hold_the_owner_certificate(tmp_path: Path, pair: Key
     machine that enrolls its own keys starts from): nothing enforced."""
     tools = ToolsTree()
     _, template = find_ovmf()
-    enforced = enroll_vars(tools, template, pair.certificate, tmp_path / "sb.fd",
-                                      enforce=True)
-    setup = enroll_vars(tools, template, pair.certificate, tmp_path / "db.fd",
-                                   enforce=False)
+    enforced = enroll_vars(tools, template, pair.certificate, tmp_path / "sb.fd", enforce=True)
+    setup = enroll_vars(tools, template, pair.certificate, tmp_path / "db.fd", enforce=False)
     shown = {
         path: tools.run(["virt-fw-vars", "--input", path, "--print", "--verbose"],
                         binds={tmp_path}, capture=True)
